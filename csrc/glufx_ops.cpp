@@ -1,0 +1,19 @@
+// Op schemas of the glufx library, declared once. Fake (meta) kernels live beside the Python
+// mirror of these strings in glufx/ops/__init__.py; CPU kernels in csrc/cpu/.
+//
+// granularity (activation quantization), shared by every op that takes it:
+//   0 per_sequence  dynamic, one scale per leading index of a >=3-D input (per batch row),
+//                   one scale for the whole tensor when the input is 2-D
+//   1 per_token     dynamic, one scale per row of the flattened [M, K] input
+//   2 static        the calibrated per-tensor scale `x_scale` (shape [1])
+//   3 per_tensor    dynamic, one scale over the whole call (batch mates interact)
+#include <torch/library.h>
+
+TORCH_LIBRARY(glufx, m) {
+  m.def("quantize_weight(Tensor w) -> (Tensor, Tensor)");
+  m.def("quantize_activation(Tensor x, int granularity, Tensor? x_scale=None) -> (Tensor, Tensor)");
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  m.def(
+      "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
+      "int granularity=0) -> Tensor");
+}

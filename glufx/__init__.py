@@ -1,0 +1,16 @@
+"""glufx: W8A8 quantization of GLU language models that survives their activation spikes (QFeM).
+
+    model = glufx.compile(model, calib_data, tokenizer=tok)     # calibrate, decide, rewrite
+    plan = glufx.calibrate(model, calib_data, tokenizer=tok)    # inspect first; glufx.compile(model, plan=plan)
+"""
+from . import ops  # noqa: F401  (registers torch.ops.glufx before anything loads a program using them)
+from .api import NoGLUError, calibrate, check_model, compile
+from .config import GlufxConfig
+from .nn import Int8Linear
+from .observe import CalibrationError
+from .plan import ModulePlan, Plan
+from .rewrite import apply_plan, counters
+
+__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "calibrate", "compile", "apply_plan", "counters",
+           "check_model", "NoGLUError", "CalibrationError"]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Public entry points: glufx.calibrate (capture -> match -> observe -> decide) and glufx.compile (+ rewrite)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .config import GlufxConfig
+from .data import is_causal_lm, prepare
+from .decide.qfem import decide
+from .match import MatchResult, match_graph
+from .nn import SUPPORTED_DEVICES
+from .observe import InputStats, Observer, instrument, run_calibration
+from .plan import Plan
+from .rewrite import apply_plan
+
+
+class NoGLUError(ValueError):
+    pass
+
+
+def check_model(model: nn.Module) -> None:
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("glufx: the model has no parameters to quantize")
+    devices = {p.device.type for p in params}
+    if devices - set(SUPPORTED_DEVICES):
+        raise NotImplementedError(
+            f"glufx: model parameters on {sorted(devices)}, but this build has INT8 kernels for "
+            f"{list(SUPPORTED_DEVICES)} only; call model.to('cpu') first")
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    bad = dtypes - {torch.float32, torch.bfloat16, torch.float16}
+    if bad:
+        raise TypeError(f"glufx: parameters of dtype {sorted(map(str, bad))} have no INT8 path; "
+                        "use model.float() or model.to(torch.bfloat16)")
+
+
+def check_glu(model: nn.Module, match: MatchResult, config: GlufxConfig) -> None:
+    if match.glu_blocks or not config.require_glu:
+        return
+    raise NoGLUError(
+        f"glufx: no GLU block found in {type(model).__name__} (looked for two projections of one input, "
+        "SiLU/GELU on one, their product feeding a third projection). QFeM and QFeP target GLU models "
+        "(Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral). To W8A8-quantize this model's linears anyway, pass "
+        "GlufxConfig(require_glu=False).")
+
+
+def calibrate(model: nn.Module, calib_data: Any, config: Optional[GlufxConfig] = None, *, tokenizer=None,
+              return_stats: bool = False):
+    """Capture, match, calibrate and decide: returns the Plan (and per-input statistics if asked).
+
+    The model is not modified.
+    """
+    config = config or GlufxConfig()
+    check_model(model)
+    was_training = model.training
+    model.eval()
+    timings = {}
+    t0 = time.perf_counter()
+    calib = prepare(model, calib_data, tokenizer, seq_len=config.seq_len, num_samples=config.num_samples,
+                    batch_size=config.batch_size, heldout_samples=config.heldout_samples if config.qfem == "auto" else 0)
+    first = calib.batches[0]
+    # Calibration never reads the logits: an LM computes the head for one position only, unless
+    # the head itself is a quantization target and needs its input statistics.
+    extra = {"logits_to_keep": 1} if is_causal_lm(model) and not config.quantize_lm_head else {}
+    ep = capture(model, (first.args, {**first.kwargs, **extra}))
+    gm = ep.module()
+    match = match_graph(gm.graph)
+    timings["capture_s"] = time.perf_counter() - t0
+    check_glu(model, match, config)
+
+    t0 = time.perf_counter()
+    observer = Observer(match)
+    instrument(gm, match, observer)
+    run_calibration(gm, observer, calib, extra, progress=config.progress)
+    del gm, ep
+    timings["calibrate_s"] = time.perf_counter() - t0
+    stats = {f: st for st in observer.stats.values() for f in st.fqns}
+    x_scales = {f: st.absmax / 127.0 for f, st in stats.items() if st.absmax > 0}
+
+    t0 = time.perf_counter()
+    plan = decide(model, match, observer, calib.heldout, config, x_scales)
+    timings["decide_s"] = time.perf_counter() - t0
+    plan.calibration = {
+        "sequences": calib.n_sequences, "tokens": calib.n_tokens, "heldout_sequences": len(calib.heldout),
+        "bos_token_id": calib.bos_token_id, "qfep_active": False, "match": match.counts(), "timings": timings,
+        "inputs": [_summary(st) for st in observer.stats.values()],
+    }
+    model.train(was_training)
+    return (plan, stats) if return_stats else plan
+
+
+def _summary(st: InputStats) -> dict:
+    return {"fqns": st.fqns, "score": st.score, "absmax": st.absmax, "n_tokens": st.n_tokens,
+            "top": st.top_tokens()[:5]}
+
+
+def compile(model: nn.Module, calib_data: Any = None, config: Optional[GlufxConfig] = None, *, tokenizer=None,
+            plan: Optional[Plan] = None) -> nn.Module:
+    """Calibrate (unless a plan is given) and rewrite `model` in place; returns it, plan at `model.glufx_plan`."""
+    if plan is None:
+        plan = calibrate(model, calib_data, config, tokenizer=tokenizer)
+    else:
+        check_model(model)
+    apply_plan(model, plan)
+    model.glufx_plan = plan
+    return model

@@ -1,0 +1,63 @@
+"""GlufxConfig: every choice glufx makes, versioned and validated on construction."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .ops.schema import GRANULARITIES
+
+CONFIG_VERSION = 1
+QFEM_MODES = ("auto", "alpha", "budget", "off")
+
+
+@dataclass
+class GlufxConfig:
+    version: int = CONFIG_VERSION
+    # activation quantization: per_sequence (the paper's per-tensor dynamic, per batch row),
+    # per_token, static (calibrated per-tensor scale) or per_tensor (one scale per call)
+    granularity: str = "per_sequence"
+    # calibration (SPEC §3: N sequences of L tokens, BOS first)
+    num_samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 4
+    # QFeM: auto = greedy by held-out loss; alpha = keep r_m > alpha in FP; budget = top scores up to
+    # max_fp_param_share; off = quantize every decoder linear (naive W8A8)
+    qfem: str = "auto"
+    alpha: Optional[float] = None
+    max_fp_param_share: float = 0.10  # bound on the share of decoder-linear parameters kept in FP
+    tolerance: float = 0.10  # auto: keep the smallest set within this share of the best achievable gain
+    heldout_samples: int = 4  # sequences held out of scoring, for the auto search
+    max_search_steps: int = 12
+    min_score: float = 2.0  # groups scoring below this are never candidates (no spike to speak of)
+    quantize_lm_head: bool = False  # the paper keeps lm_head in FP
+    require_glu: bool = True  # refuse models without a GLU block (glufx's method targets them)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"GlufxConfig version {self.version} is not supported (this glufx reads {CONFIG_VERSION})")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"GlufxConfig.granularity={self.granularity!r}; choose one of {sorted(GRANULARITIES)}")
+        if self.qfem not in QFEM_MODES:
+            raise ValueError(f"GlufxConfig.qfem={self.qfem!r}; choose one of {QFEM_MODES}")
+        if self.qfem == "alpha" and (self.alpha is None or self.alpha <= 0):
+            raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
+        if self.alpha is not None and self.qfem == "auto":
+            self.qfem = "alpha"
+        for name in ("num_samples", "seq_len", "batch_size", "max_search_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GlufxConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heldout_samples < 0:
+            raise ValueError("GlufxConfig.heldout_samples must be >= 0")
+        if not 0.0 <= self.max_fp_param_share <= 1.0:
+            raise ValueError(f"GlufxConfig.max_fp_param_share must lie in [0, 1], got {self.max_fp_param_share}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"GlufxConfig.tolerance must lie in [0, 1), got {self.tolerance}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GlufxConfig":
+        return cls(**d)

@@ -1,0 +1,78 @@
+"""Pure PyTorch reference of every glufx op: the specification the C++ kernels are tested against.
+
+Same float operations in the same order as csrc/cpu/int8_ops.cpp, so results agree bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .schema import PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
+
+QMAX = 127.0
+
+
+def _scale_from_absmax(amax: torch.Tensor) -> torch.Tensor:
+    s = amax / QMAX
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _quantize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x / s), -QMAX, QMAX).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # w: [N, K] -> (int8 [N, K], float32 [N])
+    w = w.float()
+    s = _scale_from_absmax(w.abs().amax(dim=1))
+    return _quantize(w, s[:, None]), s
+
+
+def row_scales(x2d: torch.Tensor, rows_per_sequence: int, granularity: int,
+               x_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    # x2d: [M, K] float32 -> scales [M]
+    M = x2d.shape[0]
+    if granularity == STATIC:
+        return x_scale.float().reshape(1).expand(M).contiguous()
+    if not torch.isfinite(x2d).all():
+        raise RuntimeError("glufx reference: input has NaN or Inf; INT8 cannot represent it")
+    amax = x2d.abs().amax(dim=1) if x2d.shape[1] else x2d.new_zeros(M)
+    if granularity == PER_TOKEN:
+        return _scale_from_absmax(amax)
+    group = max(M, 1) if granularity == PER_TENSOR else rows_per_sequence
+    if M == 0:
+        return amax
+    per_group = amax.view(-1, group).amax(dim=1)
+    return _scale_from_absmax(per_group).repeat_interleave(group)
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    M = x2d.shape[0]
+    rows = M // x.shape[0] if x.dim() >= 3 and x.shape[0] > 0 else max(M, 1)
+    return x2d, max(rows, 1)
+
+
+def quantize_activation(x: torch.Tensor, granularity: int, x_scale: Optional[torch.Tensor] = None):
+    x2d, rows = _flatten(x)
+    s = row_scales(x2d, rows, granularity, x_scale)
+    return _quantize(x2d, s[:, None]).view(x.shape), s
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a: [M, K] int8, b: [N, K] int8 -> [M, N] int32, exact (int64 accumulation cannot overflow here)
+    return (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.int32)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
+    # x: [..., K], w_q: [N, K] -> [..., N] in x.dtype
+    x2d, rows = _flatten(x)
+    s_x = row_scales(x2d, rows, granularity, x_scale)
+    acc = int8_mm(_quantize(x2d, s_x[:, None]), w_q)
+    y = acc.float() * s_x[:, None]
+    y = y * w_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])

@@ -1,0 +1,19 @@
+"""Activation-quantization granularities shared by every glufx op (same numbering as csrc/glufx_ops.cpp)."""
+
+PER_SEQUENCE = 0  # dynamic, one scale per batch row (whole tensor when 2-D)
+PER_TOKEN = 1  # dynamic, one scale per token
+STATIC = 2  # calibrated per-tensor scale
+PER_TENSOR = 3  # dynamic, one scale over the whole call: batch mates change each other's results
+
+GRANULARITIES = {"per_sequence": PER_SEQUENCE, "per_token": PER_TOKEN, "static": STATIC, "per_tensor": PER_TENSOR}
+
+# The schemas TORCH_LIBRARY(glufx, m) declares in csrc/glufx_ops.cpp. Used to define the ops in
+# Python when the native library was not built (GLUFX_SKIP_NATIVE=1), and checked against the
+# native registration by tests/ops/test_schema.py so the two cannot drift.
+SCHEMAS = {
+    "quantize_weight": "quantize_weight(Tensor w) -> (Tensor, Tensor)",
+    "quantize_activation": "quantize_activation(Tensor x, int granularity, Tensor? x_scale=None) -> (Tensor, Tensor)",
+    "int8_mm": "int8_mm(Tensor a, Tensor b) -> Tensor",
+    "int8_linear": "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
+    "int granularity=0) -> Tensor",
+}

@@ -1,0 +1,67 @@
+"""Rewrite: apply a plan to an eager model by swapping nn.Linear for Int8Linear.
+
+The pattern is a module (nn.Linear planned "int8"), the validity check a separate predicate
+(`quantizable`), the replacement `Int8Linear.from_linear`; every rewrite bumps `counters`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .nn import Int8Linear
+from .plan import Plan
+
+counters: Counter = Counter()
+
+
+def quantizable(module: nn.Module) -> Optional[str]:
+    """None if glufx can quantize `module`, else why not."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weight dtype {module.weight.dtype} has no INT8 path"
+    return None
+
+
+class Rewriter:
+    """Quantizes each candidate linear once and swaps the INT8 or the original module in on demand
+    (QFeM's search evaluates many exclusion sets on one model)."""
+
+    def __init__(self, model: nn.Module, fqns: Iterable[str], granularity: str,
+                 x_scales: Optional[dict[str, float]] = None):
+        self.model = model
+        self.original: dict[str, nn.Module] = {}
+        self.int8: dict[str, Int8Linear] = {}
+        for fqn in fqns:
+            mod = model.get_submodule(fqn)
+            why = quantizable(mod)
+            if why is not None:
+                raise TypeError(f"glufx: cannot quantize {fqn}: {why}")
+            self.original[fqn] = mod
+            self.int8[fqn] = Int8Linear.from_linear(mod, granularity, (x_scales or {}).get(fqn))
+
+    def apply(self, int8_fqns: Iterable[str]) -> int:
+        chosen = set(int8_fqns)
+        for fqn in self.original:
+            self.model.set_submodule(fqn, self.int8[fqn] if fqn in chosen else self.original[fqn])
+        return len(chosen & set(self.original))
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap every module the plan marks int8 for an Int8Linear, in place."""
+    for fqn, mp in plan.modules.items():
+        if mp.action != "int8":
+            continue
+        mod = model.get_submodule(fqn)
+        if isinstance(mod, Int8Linear):
+            continue
+        why = quantizable(mod)
+        if why is not None:
+            raise TypeError(f"glufx: the plan quantizes {fqn} but {why}")
+        model.set_submodule(fqn, Int8Linear.from_linear(mod, mp.granularity, mp.x_scale))
+        counters["int8_linear"] += 1
+        counters[f"int8_linear.{mp.role}"] += 1
+    return model
