@@ -94,7 +94,9 @@ def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> 
         rows = calib_data.view(-1, calib_data.shape[-1])
         return [r for r in rows[:num_samples]]
     items = list(calib_data)
-    if items and all(isinstance(t, str) for t in items):
+    if not items:
+        return []
+    if all(isinstance(t, str) for t in items):
         if tokenizer is None:
             raise ValueError("glufx: calibration from strings needs the model's tokenizer: glufx.compile(..., tokenizer=tok)")
         bos = adds_bos(tokenizer)
@@ -103,7 +105,7 @@ def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> 
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][: seq_len - (bos is not None)]
             seqs.append(torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids)
         return [s for s in seqs if len(s) > 0]
-    if items and all(isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 1 for t in items):
+    if all(isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 1 for t in items):
         return items[:num_samples]
     raise TypeError("glufx: for a language model, calib_data must be token ids ([N, L] int64 tensor or a list of "
                     "1-D tensors), a list of strings (with tokenizer=), or a path to a .txt / .jsonl file")

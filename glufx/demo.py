@@ -76,8 +76,8 @@ def main(argv=None) -> dict:
     print(plan.table(top=max(12, len(plan.kept_fp()) + 4)))
     s = plan.search
     if "metrics" in s:
-        print(f"\nQFeM search ({s['metric']} on {plan.calibration['heldout_sequences']} held-out sequences, FP "
-              f"{s['fp_metric']:.4f}): " + ", ".join(f"{k}:{m:.4f}" for k, m in enumerate(s["metrics"]))
+        print(f"\nQFeM search ({s['metric']} to FP on {plan.calibration['heldout_sequences']} held-out sequences, "
+              "per number of groups kept in FP): " + ", ".join(f"{k}:{m:.4f}" for k, m in enumerate(s["metrics"]))
               + f"  -> {s['chosen_steps']} groups kept in FP")
     print(f"\ngreedy sample: {tok.decode(gen[0], skip_special_tokens=True)!r}")
     print("\nwall time per step:")

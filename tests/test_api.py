@@ -10,7 +10,8 @@ from glufx.nn import Int8Linear
 
 from conftest import FAMILIES, sqnr, tiny_model
 
-FAST = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4)
+# 2-layer models: one down_proj is 11 % of the decoder linears, so the FP budget is wider than the default
+FAST = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4, max_fp_param_share=0.25)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -42,7 +43,7 @@ def test_qfem_keeps_the_spiking_down_proj(calib_ids):
     assert plan.search["chosen_steps"] >= 1
     # the search measured a real improvement
     assert plan.search["metrics"][plan.search["chosen_steps"]] < plan.search["metrics"][0]
-    assert plan.int8_param_share() >= 0.9
+    assert plan.int8_param_share() >= 0.75
 
 
 def test_qfem_beats_naive_w8a8(calib_ids):
@@ -61,8 +62,8 @@ def test_alpha_and_budget_modes(calib_ids):
     plan = glufx.calibrate(model, calib_ids, GlufxConfig(**{**FAST, "qfem": "alpha", "alpha": 3.0}))
     kept = set(plan.kept_fp())
     assert kept == {f for f, m in plan.modules.items() if m.score > 3.0 and m.role not in ("head",)}
-    budget = glufx.calibrate(model, calib_ids, GlufxConfig(**{**FAST, "qfem": "budget", "max_fp_param_share": 0.05}))
-    assert 1 - budget.int8_param_share() <= 0.05
+    budget = glufx.calibrate(model, calib_ids, GlufxConfig(**{**FAST, "qfem": "budget", "max_fp_param_share": 0.15}))
+    assert 1 - budget.int8_param_share() <= 0.15
     assert budget.kept_fp()[0] == "model.layers.0.mlp.down_proj"
 
 

@@ -6,7 +6,6 @@ keeps the top scores up to `max_fp_param_share`; `off` quantizes every decoder l
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -38,23 +37,50 @@ def module_scores(match: MatchResult, observer: Observer) -> dict[str, float]:
     return scores
 
 
-@torch.no_grad()
-def heldout_metric(model: nn.Module, batches: list[Batch], reference: Optional[list] = None) -> float:
-    """Mean next-token NLL for causal LMs; relative output MSE against `reference` otherwise."""
-    total, count = 0.0, 0
-    for i, b in enumerate(batches):
-        out = model(*b.args, **b.kwargs)
-        if is_causal_lm(model):
-            logits = out.logits[:, :-1].float()
-            labels = b.token_ids[:, 1:]
-            keep = b.mask[:, 1:] & b.mask[:, :-1]
-            nll = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
-            total, count = total + float(nll), count + int(keep.sum())
-        else:
-            y, ref = _first_tensor(out).float(), reference[i]
-            total += float((y - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-            count += 1
-    return total / max(count, 1)
+class HeldoutMetric:
+    """Divergence of a (partly) quantized model from the floating-point one on held-out sequences.
+
+    Causal LMs: mean KL(P_fp || P_q) of the next-token distributions at up to `positions` sampled
+    positions per sequence; only those positions go through the head (`logits_to_keep`), and the FP
+    log-probs are stored once (positions x vocab floats per sequence). KL is used rather than NLL
+    because quantization noise can lower the NLL of a poorly calibrated model by chance; KL to the
+    model being quantized cannot. Other modules: relative MSE of the first output tensor.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Batch], positions: int = 128, seed: int = 0):
+        self.model, self.batches, self.lm = model, batches, is_causal_lm(model)
+        g = torch.Generator().manual_seed(seed)
+        self.keep: list[Optional[torch.Tensor]] = []
+        for b in batches:
+            if not self.lm:
+                self.keep.append(None)
+                continue
+            valid = b.mask[0].nonzero().squeeze(1)
+            pick = valid[torch.randperm(len(valid), generator=g)[:positions]].sort().values
+            self.keep.append(pick)
+        self.reference = [self._outputs(i) for i in range(len(batches))]
+
+    @torch.no_grad()
+    def _outputs(self, i: int) -> torch.Tensor:
+        b = self.batches[i]
+        if not self.lm:
+            return _first_tensor(self.model(*b.args, **b.kwargs)).float()
+        try:
+            logits = self.model(*b.args, **b.kwargs, logits_to_keep=self.keep[i]).logits[0]
+        except TypeError:  # a model without logits_to_keep: full head, then select
+            logits = self.model(*b.args, **b.kwargs).logits[0, self.keep[i]]
+        return torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        total = 0.0
+        for i, ref in enumerate(self.reference):
+            out = self._outputs(i)
+            if self.lm:
+                total += float(F.kl_div(out, ref, log_target=True, reduction="sum")) / max(len(ref), 1)
+            else:
+                total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+        return total / max(len(self.reference), 1)
 
 
 def _first_tensor(out):
@@ -122,22 +148,22 @@ def _auto_search(model, quant_targets, candidates, heldout, config, x_scales, se
         raise ValueError("glufx: QFeM auto needs held-out calibration sequences (heldout_samples > 0 and at "
                          "least two calibration sequences); or use GlufxConfig(qfem='alpha', alpha=...)")
     steps = candidates[: config.max_search_steps]
-    lm = is_causal_lm(model)
-    reference = None if lm else [_first_tensor(model(*b.args, **b.kwargs)).float() for b in heldout]
-    fp_metric = heldout_metric(model, heldout, reference) if lm else 0.0
+    if not steps:
+        search.update({"metrics": [], "chosen_steps": 0})
+        return []
+    metric = HeldoutMetric(model, heldout)  # FP reference first: the model is still unquantized here
     rw = Rewriter(model, quant_targets, config.granularity, x_scales)
     metrics = []
     try:
         for k in tqdm(range(len(steps) + 1), desc="glufx QFeM search", disable=not config.progress):
             fp = {f for g in steps[:k] for f in g}
             rw.apply([f for f in quant_targets if f not in fp])
-            metrics.append(heldout_metric(model, heldout, reference))
+            metrics.append(metric())
     finally:
         rw.apply([])  # the model leaves the search unquantized; apply_plan rewrites it
-    gaps = [m - fp_metric for m in metrics]
-    best = min(gaps)
-    bound = best + config.tolerance * (gaps[0] - best)
-    k_star = next(k for k, g in enumerate(gaps) if g <= bound + 1e-12)
-    search.update({"fp_metric": fp_metric, "metric": "nll" if lm else "relative_mse", "metrics": metrics,
+    best = min(metrics)
+    bound = best + config.tolerance * (metrics[0] - best)
+    k_star = next(k for k, m in enumerate(metrics) if m <= bound + 1e-12)
+    search.update({"metric": "kl" if metric.lm else "relative_mse", "metrics": metrics,
                    "chosen_steps": k_star, "tolerance": config.tolerance})
     return steps[:k_star]
