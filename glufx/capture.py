@@ -1,6 +1,7 @@
 """Capture: a model and one example input -> a torch.export program, the graph every later pass reads."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -31,11 +32,14 @@ def capture(model: torch.nn.Module, example: tuple[tuple, dict]) -> torch.export
     args, kwargs = example
     if is_causal_lm(model):
         kwargs = {**kwargs, "use_cache": False}
+    # dynamic_shapes keyed by forward()'s parameter names (a **kwargs parameter takes a dict)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    dynamic = {name: _dynamic(value) for name, value in bound.arguments.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(
-                model, tuple(args), dict(kwargs), dynamic_shapes=_dynamic(dict(kwargs)) if not args else (*_dynamic(tuple(args)), *_dynamic(list(kwargs.values()))),
+                model, tuple(args), dict(kwargs), dynamic_shapes=dynamic,
                 strict=False,
             )
         except Exception as e:  # torch.export raises many types; all mean "not capturable as is"

@@ -8,6 +8,7 @@ from .ops.schema import GRANULARITIES
 
 CONFIG_VERSION = 1
 QFEM_MODES = ("auto", "alpha", "budget", "off")
+QFEP_METHODS = ("off", "paper", "prefixquant")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class GlufxConfig:
     heldout_samples: int = 4  # sequences held out of scoring, for the auto search
     max_search_steps: int = 12
     min_score: float = 2.0  # groups scoring below this are never candidates (no spike to speak of)
+    # QFeP: "paper" ([BOS, c*, s*] by the rho search), "prefixquant" (outlier-count length), or "off"
+    qfep: str = "off"
     quantize_lm_head: bool = False  # the paper keeps lm_head in FP
     require_glu: bool = True  # refuse models without a GLU block (glufx's method targets them)
     progress: bool = True
@@ -41,6 +44,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.granularity={self.granularity!r}; choose one of {sorted(GRANULARITIES)}")
         if self.qfem not in QFEM_MODES:
             raise ValueError(f"GlufxConfig.qfem={self.qfem!r}; choose one of {QFEM_MODES}")
+        if self.qfep not in QFEP_METHODS:
+            raise ValueError(f"GlufxConfig.qfep={self.qfep!r}; choose one of {QFEP_METHODS}")
         if self.qfem == "alpha" and (self.alpha is None or self.alpha <= 0):
             raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
         if self.alpha is not None and self.qfem == "auto":

@@ -41,6 +41,20 @@ class CalibrationSet:
     def n_sequences(self) -> int:
         return sum(b.n_sequences for b in self.batches)
 
+    def without_bos(self) -> "CalibrationSet":
+        """The same sequences with their leading BOS removed (for a model whose QFeP prefix holds it)."""
+        if self.bos_token_id is None:
+            return self
+
+        def strip(b: Batch) -> Batch:
+            if b.token_ids is None or not bool((b.token_ids[:, 0] == self.bos_token_id).all()):
+                return b
+            ids, mask = b.token_ids[:, 1:], b.mask[:, 1:]
+            kwargs = {**b.kwargs, "input_ids": ids, "attention_mask": mask.long()}
+            return Batch(b.args, kwargs, mask, ids)
+
+        return CalibrationSet([strip(b) for b in self.batches], [strip(b) for b in self.heldout], self.bos_token_id)
+
     @property
     def n_tokens(self) -> int:
         return sum(int(b.mask.sum()) if b.mask is not None else 0 for b in self.batches)

@@ -25,14 +25,29 @@ def perplexity_windows(text: str, tokenizer, seq_len: int, n_windows: Optional[i
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "ppl") -> float:
-    """exp(mean NLL) over every predicted token of every window (identical denominators across methods)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "ppl",
+               first_scored: int = 1) -> float:
+    """exp(mean NLL) over tokens at window positions >= `first_scored` (BOS sits at 0).
+
+    A QFeP model (PrefixedLM) replaces BOS by its prefix: it gets the window without BOS and produces
+    no prediction for position 1, so tables that compare it use first_scored=2 for every row, keeping
+    the denominators identical across methods (SPEC §5).
+    """
+    from .prefix import PrefixedLM
+
+    prefixed = isinstance(model, PrefixedLM)
+    if prefixed and first_scored < 2:
+        raise ValueError("perplexity: a QFeP model predicts tokens from position 2 on; pass first_scored=2 "
+                         "(and use it for every model you compare against)")
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
         ids = windows[i:i + batch_size]
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
+        start = 1 if prefixed else 0  # logits[:, j] predicts ids[:, start + j + 1]
+        logits = model(input_ids=ids[:, start:], use_cache=False).logits[:, :-1].float()
+        first = first_scored - start - 1
+        logits, targets = logits[:, first:], ids[:, first_scored:]
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
     return math.exp(nll / count)
 
 

@@ -188,8 +188,9 @@ def _projection_of(node, projs: dict[str, tuple[Projection, fx.Node]]) -> Option
     return None
 
 
-def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None) -> MatchResult:
-    """`param_names`: placeholder name -> parameter FQN (an ExportedProgram's graph signature)."""
+def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, strip_root: str = "") -> MatchResult:
+    """`param_names`: placeholder name -> parameter FQN (an ExportedProgram's graph signature);
+    `strip_root`: a wrapper's attribute path to drop, so FQNs are those of the wrapped model."""
     result = MatchResult()
     projs: dict[str, tuple[Projection, fx.Node]] = {}  # node name -> projection
     for node in graph.nodes:
@@ -201,6 +202,7 @@ def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None) -
             fqn = (param_names or {}).get(w.name) or (w.target if w.op == "get_attr" else f"{module_fqn(node)}.{w.name}")
         else:
             fqn = module_fqn(node) or (param_names or {}).get(w.name, w.name).removesuffix(".weight")
+        fqn = fqn.removeprefix(strip_root)
         wv = _val(w)
         out_f, in_f = wv.shape[-2], wv.shape[-1]  # [out, in] or [experts, out, in]
         if fqn in result.projections:  # one module called twice (shared weights): keep the first

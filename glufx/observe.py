@@ -23,6 +23,8 @@ from .data import CalibrationSet
 from .match import MatchResult
 
 TOP_K = 16
+SEQ_TOP = 3  # per-sequence top positions kept for QFeP's candidate search (SPEC §4.2)
+OUTLIER_ETA = 64.0  # PrefixQuant: a token is an outlier when a[t] > eta * median_t a
 
 
 class CalibrationError(ValueError):
@@ -40,6 +42,8 @@ class InputStats:
     absmax: float = 0.0
     channel_absmax: Optional[torch.Tensor] = None  # [K]
     top: list[tuple[float, int, int, int]] = field(default_factory=list)  # (a, sequence, position, token id)
+    seq_top: list[list[tuple[float, int, int]]] = field(default_factory=list)  # per sequence: (a, position, token id)
+    seq_outliers: list[list[tuple[int, int]]] = field(default_factory=list)  # per sequence: (position, token id)
     n_tokens: int = 0
 
     @property
@@ -110,19 +114,26 @@ class Observer:
             t_valid = tok[b][mask[b]]
             if t_valid.numel() == 0:
                 continue
+            median = float(t_valid.median())
             st.seq_max.append(float(t_valid.max()))
-            st.seq_median.append(float(t_valid.median()))
+            st.seq_median.append(median)
             st.n_tokens += int(t_valid.numel())
             positions = mask[b].nonzero().squeeze(1)
-            k = min(TOP_K, t_valid.numel())
-            vals, idx = t_valid.topk(k)
+            token = (lambda pos: int(ids[b, pos])) if ids is not None else (lambda pos: -1)
+            vals, idx = t_valid.topk(min(TOP_K, t_valid.numel()))
+            seq_top = []
             for v, i in zip(vals.tolist(), idx.tolist()):
                 pos = int(positions[i])
-                item = (v, self.seq_offset + b, pos, int(ids[b, pos]) if ids is not None else -1)
+                item = (v, self.seq_offset + b, pos, token(pos))
+                if len(seq_top) < SEQ_TOP:
+                    seq_top.append((v, pos, item[3]))
                 if len(st.top) < TOP_K:
                     heapq.heappush(st.top, item)
                 elif item > st.top[0]:
                     heapq.heapreplace(st.top, item)
+            st.seq_top.append(seq_top)
+            out_idx = (t_valid > OUTLIER_ETA * median).nonzero().squeeze(1).tolist()
+            st.seq_outliers.append([(int(positions[i]), token(int(positions[i]))) for i in out_idx])
 
 
 def instrument(gm: fx.GraphModule, match: MatchResult, observer: Observer) -> int:

@@ -35,6 +35,7 @@ class Plan:
     config: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)  # QFeM decision trace: mode, candidates, metric per step
     calibration: dict = field(default_factory=dict)  # sequences, tokens, qfep_active
+    qfep: Optional[dict] = None  # the QFeP prefix: token ids, method, score, candidates (KV recomputed from FP)
     version: int = PLAN_VERSION
 
     # ---- queries -------------------------------------------------------------------------
@@ -66,7 +67,7 @@ class Plan:
     # ---- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": self.version, "config": self.config, "calibration": self.calibration,
-                "search": self.search, "glu_blocks": self.glu_blocks,
+                "search": self.search, "glu_blocks": self.glu_blocks, "qfep": self.qfep,
                 "modules": {f: asdict(m) for f, m in self.modules.items()}}
 
     @classmethod
@@ -74,7 +75,8 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"glufx plan version {d.get('version')} is not supported (this glufx reads {PLAN_VERSION})")
         return cls(modules={f: ModulePlan(**m) for f, m in d["modules"].items()}, glu_blocks=d.get("glu_blocks", []),
-                   config=d.get("config", {}), search=d.get("search", {}), calibration=d.get("calibration", {}))
+                   config=d.get("config", {}), search=d.get("search", {}), calibration=d.get("calibration", {}),
+                   qfep=d.get("qfep"))
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -98,6 +100,8 @@ class Plan:
         out = [f"{'module':<{w}}  {'role':<7} {'score':>8}  {'action':<5} {'act':<12} reason"]
         for m in rows:
             out.append(f"{m.fqn:<{w}}  {m.role:<7} {m.score:8.2f}  {m.action:<5} {m.granularity or '-':<12} {m.reason}")
+        if self.qfep:
+            out.append(f"QFeP prefix ({self.qfep['method']}): token ids {self.qfep['token_ids']}")
         out.append(f"decoder-linear parameters in INT8: {100 * self.int8_param_share():.1f} %  "
                    f"({len(self.quantized())} INT8 modules, {len(self.kept_fp())} decoder modules kept in FP)")
         return "\n".join(out)

@@ -93,7 +93,8 @@ def _first_tensor(out):
 
 
 def decide(model: nn.Module, match: MatchResult, observer: Observer, heldout: list[Batch],
-           config: GlufxConfig, x_scales: dict[str, float]) -> Plan:
+           config: GlufxConfig, x_scales: dict[str, float], runner: Optional[nn.Module] = None) -> Plan:
+    """`runner` runs the held-out metric (the QFeP wrapper when a prefix is active); `model` is rewritten."""
     quant_targets = targets(match, config)
     scores = module_scores(match, observer)
     decoder_params = sum(match.projections[f].n_params for f in quant_targets if match.projections[f].role != "head")
@@ -120,7 +121,7 @@ def decide(model: nn.Module, match: MatchResult, observer: Observer, heldout: li
     elif config.qfem == "budget":
         excluded = candidates
     else:
-        excluded = _auto_search(model, quant_targets, candidates, heldout, config, x_scales, search)
+        excluded = _auto_search(model, runner or model, quant_targets, candidates, heldout, config, x_scales, search)
 
     fp = {f for g in excluded for f in g}
     reasons = {f: f"QFeM: score {scores.get(f, 0.0):.1f} ({config.qfem})" for f in fp}
@@ -143,7 +144,7 @@ def decide(model: nn.Module, match: MatchResult, observer: Observer, heldout: li
                 glu_blocks=[vars(b) for b in match.glu_blocks])
 
 
-def _auto_search(model, quant_targets, candidates, heldout, config, x_scales, search) -> list[list[str]]:
+def _auto_search(model, runner, quant_targets, candidates, heldout, config, x_scales, search) -> list[list[str]]:
     if not heldout:
         raise ValueError("glufx: QFeM auto needs held-out calibration sequences (heldout_samples > 0 and at "
                          "least two calibration sequences); or use GlufxConfig(qfem='alpha', alpha=...)")
@@ -151,7 +152,7 @@ def _auto_search(model, quant_targets, candidates, heldout, config, x_scales, se
     if not steps:
         search.update({"metrics": [], "chosen_steps": 0})
         return []
-    metric = HeldoutMetric(model, heldout)  # FP reference first: the model is still unquantized here
+    metric = HeldoutMetric(runner, heldout)  # FP reference first: the model is still unquantized here
     rw = Rewriter(model, quant_targets, config.granularity, x_scales)
     metrics = []
     try:
