@@ -6,11 +6,12 @@
 from . import ops  # noqa: F401  (registers torch.ops.glufx before anything loads a program using them)
 from .api import NoGLUError, calibrate, check_model, compile
 from .config import GlufxConfig
+from .deploy import export, load, save
 from .nn import Int8Linear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
 from .rewrite import apply_plan, counters
 
 __all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "calibrate", "compile", "apply_plan", "counters",
-           "check_model", "NoGLUError", "CalibrationError"]
+           "check_model", "NoGLUError", "CalibrationError", "export", "save", "load"]
 __version__ = "0.1.0"

@@ -64,6 +64,12 @@ class Plan:
         d["search"] = {"mode": "off"}
         return Plan.from_dict(d)
 
+    def to_torchao(self):
+        """This plan as a torchao FqnToConfig (kept modules -> None); see glufx/deploy/torchao_interop.py."""
+        from .deploy.torchao_interop import to_fqn_to_config
+
+        return to_fqn_to_config(self)
+
     # ---- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": self.version, "config": self.config, "calibration": self.calibration,

@@ -1,3 +1,5 @@
+"""Deploy: the torch.compile backend, torch.export / AOTInductor programs, save and load."""
 from .export import export
+from .serialize import load, save
 
-__all__ = ["export"]
+__all__ = ["export", "save", "load"]
