@@ -18,7 +18,7 @@ def extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
     if cuda_sources and torch.version.cuda and CUDA_HOME:
         ext = CUDAExtension(
             "glufx._C", sources + cuda_sources,

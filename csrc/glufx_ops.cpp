@@ -16,4 +16,9 @@ TORCH_LIBRARY(glufx, m) {
   m.def(
       "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
       "int granularity=0) -> Tensor");
+  m.def("pack_weight(Tensor w_q) -> Tensor");
+  m.def("unpack_weight(Tensor w_packed, int N, int K) -> Tensor");
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
+      "int granularity=0) -> Tensor");
 }

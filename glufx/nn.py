@@ -13,14 +13,16 @@ SUPPORTED_DEVICES = ("cpu",)
 
 
 class Int8Linear(nn.Module):
-    """W8A8 linear: per-channel INT8 weight, activations quantized in the op (granularity from the plan)."""
+    """W8A8 linear: per-channel INT8 weight, packed once into the kernel's layout (glufx::pack_weight);
+    activations quantized inside the op with the plan's granularity."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, granularity: str = "per_sequence",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.granularity = granularity
-        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_packed", torch.ops.glufx.pack_weight(torch.zeros(out_features, in_features,
+                                                                                 dtype=torch.int8)))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32) if granularity == "static" else None)
@@ -38,7 +40,8 @@ class Int8Linear(nn.Module):
         if granularity == "static" and (x_scale is None or not x_scale > 0):
             raise ValueError("glufx: static activation quantization needs a calibrated scale > 0")
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity, w.dtype)
-        m.w_q, m.w_scale = torch.ops.glufx.quantize_weight(w)
+        w_q, m.w_scale = torch.ops.glufx.quantize_weight(w)
+        m.w_packed = torch.ops.glufx.pack_weight(w_q)
         if linear.bias is not None:
             m.bias = linear.bias.detach().clone()
         if granularity == "static":
@@ -47,8 +50,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        return torch.ops.glufx.int8_linear(x, self.w_q, self.w_scale, self.bias, self.x_scale,
-                                           GRANULARITIES[self.granularity])
+        return torch.ops.glufx.int8_linear_packed(x, self.w_packed, self.w_scale, self.bias, self.x_scale,
+                                                  GRANULARITIES[self.granularity])
+
+    @property
+    def w_q(self) -> torch.Tensor:
+        return torch.ops.glufx.unpack_weight(self.w_packed, self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.w_q.float() * self.w_scale[:, None]

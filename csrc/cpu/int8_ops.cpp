@@ -16,23 +16,10 @@
 #define GLUFX_X86 1
 #endif
 
+#include "quant.h"
+
 namespace glufx {
-namespace {
-
-enum Granularity : int64_t { kPerSequence = 0, kPerToken = 1, kStatic = 2, kPerTensor = 3 };
-
-constexpr float kQMax = 127.f;
-
-inline float scale_from_absmax(float amax) {
-  float s = amax / kQMax;
-  return s == 0.f ? 1.f : s;
-}
-
-inline int8_t quantize_one(float v, float s) {
-  float q = std::nearbyint(v / s);  // default rounding mode: half to even, as torch.round
-  q = std::min(std::max(q, -kQMax), kQMax);
-  return static_cast<int8_t>(q);
-}
+namespace detail {
 
 // ---- INT8 GEMM: C[M, N] = A[M, K] . B[N, K]^T, int32 accumulation --------------------------
 
@@ -108,6 +95,10 @@ bool cpu_has_avx2() {
 #endif
 }
 
+}  // namespace detail
+namespace {
+using namespace detail;
+
 void gemm_s8s8s32(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
   if (M == 0 || N == 0) return;
   // Split output columns: each thread streams a disjoint slice of the weight once.
@@ -120,6 +111,9 @@ void gemm_s8s8s32(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64
     gemm_rows_generic(A, B, C, M, N, K, n0, n1);
   });
 }
+
+}  // namespace
+namespace detail {
 
 // ---- activation quantization ------------------------------------------------------------
 
@@ -196,6 +190,9 @@ std::pair<at::Tensor, int64_t> flatten_activations(const at::Tensor& x) {
   const int64_t rows_per_sequence = x.dim() >= 3 && x.size(0) > 0 ? M / x.size(0) : std::max<int64_t>(M, 1);
   return {x2d, std::max<int64_t>(rows_per_sequence, 1)};
 }
+
+}  // namespace detail
+namespace {
 
 // ---- ops ----------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml): nothing changes in
 PyTorch's global configuration at import. The backend runs glufx's matcher on the dynamo graph
 (torch-IR spelling; weights arrive as placeholders whose real tensors are in `example_inputs`),
-rewrites every linear the plan quantizes into `torch.ops.glufx.int8_linear` with the quantized
+rewrites every linear the plan quantizes into `torch.ops.glufx.int8_linear_packed` with the packed
 weight as a graph constant, and hands the graph to Inductor, which keeps the glufx op as an extern
 call. Quantized weights are cached by FQN and weight version, so recompiles (new shapes, guards)
 reuse them.
@@ -49,7 +49,8 @@ def _plan_key(fqn: str, plan: Plan) -> Optional[str]:
 def _quantized(fqn: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = (fqn, weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
     if key not in _weight_cache:
-        _weight_cache[key] = torch.ops.glufx.quantize_weight(weight.detach())
+        w_q, w_scale = torch.ops.glufx.quantize_weight(weight.detach())
+        _weight_cache[key] = (torch.ops.glufx.pack_weight(w_q), w_scale)
         counters["weights_quantized"] += 1
     else:
         counters["weights_cache_hits"] += 1
@@ -57,7 +58,7 @@ def _quantized(fqn: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> int:
-    """Replace planned linears by glufx.int8_linear; returns the number rewritten."""
+    """Replace planned linears by glufx.int8_linear_packed; returns the number rewritten."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = {n: v for n, v in zip(placeholders, example_inputs)}
     n_rewritten = 0
@@ -74,19 +75,19 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
         weight = value_of.get(w)
         if not isinstance(weight, torch.Tensor):
             continue  # the weight is computed in the graph: leave the linear in floating point
-        w_q, w_s = _quantized(key, weight)
+        w_packed, w_s = _quantized(key, weight)
         prefix = "glufx_" + key.replace(".", "_")
-        gm.register_buffer(prefix + "_w_q", w_q)
+        gm.register_buffer(prefix + "_w_packed", w_packed)
         gm.register_buffer(prefix + "_w_scale", w_s)
         x_scale = None
         if mp.granularity == "static":
             gm.register_buffer(prefix + "_x_scale", torch.tensor([mp.x_scale], dtype=torch.float32))
         with gm.graph.inserting_before(node):
-            wq_n = gm.graph.get_attr(prefix + "_w_q")
+            wq_n = gm.graph.get_attr(prefix + "_w_packed")
             ws_n = gm.graph.get_attr(prefix + "_w_scale")
             if mp.granularity == "static":
                 x_scale = gm.graph.get_attr(prefix + "_x_scale")
-            new = gm.graph.call_function(torch.ops.glufx.int8_linear.default,
+            new = gm.graph.call_function(torch.ops.glufx.int8_linear_packed.default,
                                          (x, wq_n, ws_n, b, x_scale, GRANULARITIES[mp.granularity]))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

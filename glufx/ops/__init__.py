@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import reference
-from .schema import GRANULARITIES, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
+from .schema import PACK_NR, GRANULARITIES, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
 
 __all__ = ["GRANULARITIES", "PER_SEQUENCE", "PER_TENSOR", "PER_TOKEN", "STATIC", "NATIVE", "native_library_path"]
 
@@ -71,3 +71,19 @@ def _(a, b):
 def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
     torch._check(x.shape[-1] == w_q.shape[1], lambda: "glufx::int8_linear: feature size differs from the weight's")
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("glufx::pack_weight")
+def _(w_q):
+    N, K = w_q.shape
+    return w_q.new_empty(((N + PACK_NR - 1) // PACK_NR, (K + 1) // 2, PACK_NR, 2))
+
+
+@torch.library.register_fake("glufx::unpack_weight")
+def _(w_packed, N, K):
+    return w_packed.new_empty((N, K))
+
+
+@torch.library.register_fake("glufx::int8_linear_packed")
+def _(x, w_packed, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))

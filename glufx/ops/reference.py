@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .schema import PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
+from .schema import PACK_NR, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
 
 QMAX = 127.0
 
@@ -76,3 +76,27 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if bias is not None:
         y = y + bias.float()[None, :]
     return y.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
+    # [N, K] int8 -> [N/8, K/2, 8, 2]: per block of 8 channels, the pairs of input channels interleaved
+    N, K = w_q.shape
+    padded = torch.zeros(_round_up(N, PACK_NR), _round_up(K, 2), dtype=torch.int8)
+    padded[:N, :K] = w_q
+    return padded.view(-1, PACK_NR, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_weight(w_packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    Np, Kp = w_packed.shape[0] * PACK_NR, w_packed.shape[1] * 2
+    return w_packed.permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K].contiguous()
+
+
+def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
+                       granularity: int = PER_SEQUENCE) -> torch.Tensor:
+    w_q = unpack_weight(w_packed, w_scale.numel(), x.shape[-1])
+    return int8_linear(x, w_q, w_scale, bias, x_scale, granularity)

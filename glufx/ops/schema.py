@@ -16,4 +16,10 @@ SCHEMAS = {
     "int8_mm": "int8_mm(Tensor a, Tensor b) -> Tensor",
     "int8_linear": "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
     "int granularity=0) -> Tensor",
+    "pack_weight": "pack_weight(Tensor w_q) -> Tensor",
+    "unpack_weight": "unpack_weight(Tensor w_packed, int N, int K) -> Tensor",
+    "int8_linear_packed": "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, "
+    "Tensor? x_scale=None, int granularity=0) -> Tensor",
 }
+
+PACK_NR = 8  # output channels per packed block (csrc/cpu/packed_linear.cpp)

@@ -156,3 +156,63 @@ def test_int8_mm_matches_reference(M, K, N, seed):
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     assert torch.equal(ops.int8_mm(a, b), reference.int8_mm(a, b))
     assert torch.equal(ops.int8_mm(a.T.contiguous().T, b), reference.int8_mm(a, b))
+
+
+# ---- packed-weight kernels ---------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", sorted(GRANULARITIES.values()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_packed(granularity, dtype):
+    w, b = _weights(19, 41)
+    w_q, w_s = ops.quantize_weight(w)
+    packed = ops.pack_weight(w_q)
+    xs = torch.tensor([0.02]) if granularity == STATIC else None
+    torch.library.opcheck(ops.int8_linear_packed, (torch.randn(2, 5, 41).to(dtype), packed, w_s, b.to(dtype), xs,
+                                                   granularity))
+    torch.library.opcheck(ops.pack_weight, (w_q,))
+    torch.library.opcheck(ops.unpack_weight, (packed, 19, 41))
+
+
+@settings(max_examples=150, deadline=None)
+@given(linear_case())
+def test_packed_linear_matches_reference(case):
+    M, K, N, lead, granularity, kind, noncontig, bias, seed = case
+    g = torch.Generator().manual_seed(seed)
+    shape = (M, K) if lead == "2d" else (3, M, K)
+    x = torch.randn(*shape[:-1], 2 * K if noncontig else K, generator=g)
+    x = x[..., ::2] if noncontig else x
+    if kind == "zeros":
+        x = torch.zeros_like(x)
+    elif kind == "huge":
+        x = x * 1e30
+    elif kind == "zero_rows" and x.shape[-2] > 1:
+        x = x.clone()
+        x[..., ::2, :] = 0
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    if kind == "tiny":  # the extremes: every product -127 * -127
+        w_q, x = torch.full_like(w_q, -127), -torch.ones_like(x)
+    w_s = torch.rand(N, generator=g) + 0.01
+    b = torch.randn(N, generator=g) if bias else None
+    packed = ops.pack_weight(w_q)
+    assert torch.equal(packed, reference.pack_weight(w_q))
+    assert torch.equal(ops.unpack_weight(packed, N, K), w_q)
+    xs = torch.tensor([(float(x.abs().max()) / 127 if x.numel() else 0.0) or 1.0]) if granularity == STATIC else None
+    y = ops.int8_linear_packed(x, packed, w_s, b, xs, granularity)
+    y_ref = reference.int8_linear_packed(x, packed, w_s, b, xs, granularity)
+    assert torch.equal(y, y_ref), f"max abs diff {(y - y_ref).abs().max()}"
+    assert torch.equal(y, ops.int8_linear(x, w_q, w_s, b, xs, granularity))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_linear_thread_count_invariant(threads):
+    w_q = torch.randint(-127, 128, (1000, 517), dtype=torch.int8)
+    w_s = torch.rand(1000) + 0.01
+    packed = ops.pack_weight(w_q)
+    x = torch.randn(37, 517)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y, reference.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN))

@@ -1,0 +1,52 @@
+"""Prints one table of speed ratios against the baselines measured in the same process."""
+import platform
+from collections import defaultdict
+
+import torch
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(f for f in keep if f in flags) or "none of avx2/avx512/vnni/amx"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    med, other = defaultdict(dict), defaultdict(dict)
+    for bench in session.benchmarks:
+        p, median = bench.params, bench.stats.median
+        if "shape" in p:
+            med[(p["shape"], p["M"], p["threads"])][p["impl"]] = median
+        else:
+            other[bench.group][p["impl"]] = median
+    tr = terminalreporter
+    for group, d in other.items():
+        if "fp32" in d and "glufx" in d:
+            tr.write_line(f"{group}: FP32 {1e3 * d['fp32']:.1f} ms, glufx {1e3 * d['glufx']:.1f} ms, "
+                          f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
+    if not med:
+        return
+    import glufx  # noqa: F401
+    import numpy
+    import torchao
+
+    tr.write_line("")
+    tr.write_line(f"glufx linear benchmark  torch {torch.__version__}  torchao {torchao.__version__}  numpy "
+                  f"{numpy.__version__}  {platform.processor() or platform.machine()}  flags: {_cpu_flags()}")
+    tr.write_line("median ms per call; ratios = baseline time / glufx time (> 1: glufx faster)")
+    impls = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "glufx"]
+    tr.write_line(f"{'K x N':>12} {'M':>4} {'thr':>3} " + "".join(f"{i:>15}" for i in impls)
+                  + f"{'vs best FP32':>14}{'vs fbgemm':>11}{'vs torchao':>11}")
+    for (shape, M, th), d in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        g = d.get("glufx")
+        cells = "".join(f"{1e3 * d[i]:15.3f}" if i in d else f"{'-':>15}" for i in impls)
+        best_fp = min(d[i] for i in ("fp32_linear", "fp32_numpy") if i in d) if g else None
+        ratio = lambda b: f"{b / g:.2f}x" if g and b else "-"  # noqa: E731
+        tr.write_line(f"{shape:>12} {M:>4} {th:>3} {cells}{ratio(best_fp):>14}{ratio(d.get('fbgemm_dynamic')):>11}"
+                      f"{ratio(d.get('torchao_int8')):>11}")

@@ -1,0 +1,39 @@
+// Quantization helpers shared by the glufx CPU kernels. Every float operation mirrors
+// glufx/ops/reference.py (division for quantization, round half to even, clamp to +-127).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+namespace glufx {
+namespace detail {
+
+enum Granularity : int64_t { kPerSequence = 0, kPerToken = 1, kStatic = 2, kPerTensor = 3 };
+
+constexpr float kQMax = 127.f;
+
+inline float scale_from_absmax(float amax) {
+  float s = amax / kQMax;
+  return s == 0.f ? 1.f : s;
+}
+
+inline int8_t quantize_one(float v, float s) {
+  float q = std::nearbyint(v / s);  // default rounding mode: half to even, as torch.round
+  q = std::min(std::max(q, -kQMax), kQMax);
+  return static_cast<int8_t>(q);
+}
+
+void check_float(const at::Tensor& x, const char* op);
+// Per-row activation scales [M] of x2d [M, K] (float32, contiguous) for a granularity.
+at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
+                      const c10::optional<at::Tensor>& x_scale, const char* op);
+void quantize_rows(const at::Tensor& x2d, const at::Tensor& scales, at::Tensor& q);
+// x [..., K] -> (float32 [M, K] contiguous, rows per sequence)
+std::pair<at::Tensor, int64_t> flatten_activations(const at::Tensor& x);
+bool cpu_has_avx2();
+
+}  // namespace detail
+}  // namespace glufx
