@@ -116,23 +116,28 @@ def linear_case(draw):
     return M, K, N, lead, granularity, kind, noncontig, bias, seed
 
 
+def _activations(M, K, lead, kind, noncontig, g, batch=2):
+    shape = (M, K) if lead == "2d" else (batch, M, K)
+    x = torch.randn(*shape[:-1], 2 * K if noncontig else K, generator=g)
+    x = x[..., ::2] if noncontig else x  # a strided view
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "huge":
+        return x * 1e30
+    if kind == "tiny":
+        return x * 1e-30
+    if kind == "zero_rows" and x.shape[-2] > 1:
+        x = x.clone()
+        x[..., ::2, :] = 0
+    return x
+
+
 @settings(max_examples=150, deadline=None)
 @given(linear_case())
 def test_int8_linear_matches_reference(case):
     M, K, N, lead, granularity, kind, noncontig, bias, seed = case
     g = torch.Generator().manual_seed(seed)
-    shape = (M, K) if lead == "2d" else (2, M, K)
-    x = torch.randn(*shape[:-1], 2 * K if noncontig else K, generator=g)
-    x = x[..., ::2] if noncontig else x
-    if kind == "zeros":
-        x = torch.zeros_like(x)
-    elif kind == "huge":
-        x = x * 1e30
-    elif kind == "tiny":
-        x = x * 1e-30
-    elif kind == "zero_rows" and x.shape[-2] > 1:
-        x = x.clone()
-        x[..., ::2, :] = 0
+    x = _activations(M, K, lead, kind, noncontig, g)
     w = torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
     w_q, w_s = ops.quantize_weight(w)
@@ -178,16 +183,7 @@ def test_opcheck_packed(granularity, dtype):
 def test_packed_linear_matches_reference(case):
     M, K, N, lead, granularity, kind, noncontig, bias, seed = case
     g = torch.Generator().manual_seed(seed)
-    shape = (M, K) if lead == "2d" else (3, M, K)
-    x = torch.randn(*shape[:-1], 2 * K if noncontig else K, generator=g)
-    x = x[..., ::2] if noncontig else x
-    if kind == "zeros":
-        x = torch.zeros_like(x)
-    elif kind == "huge":
-        x = x * 1e30
-    elif kind == "zero_rows" and x.shape[-2] > 1:
-        x = x.clone()
-        x[..., ::2, :] = 0
+    x = _activations(M, K, lead, kind, noncontig, g, batch=3)
     w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     if kind == "tiny":  # the extremes: every product -127 * -127
         w_q, x = torch.full_like(w_q, -127), -torch.ones_like(x)
