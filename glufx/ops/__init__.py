@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import reference
-from .schema import PACK_NR, GRANULARITIES, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
+from .schema import PACK_KQ, PACK_NR, GRANULARITIES, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
 
 __all__ = ["GRANULARITIES", "PER_SEQUENCE", "PER_TENSOR", "PER_TOKEN", "STATIC", "NATIVE", "native_library_path"]
 
@@ -76,7 +76,7 @@ def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
 @torch.library.register_fake("glufx::pack_weight")
 def _(w_q):
     N, K = w_q.shape
-    return w_q.new_empty(((N + PACK_NR - 1) // PACK_NR, (K + 1) // 2, PACK_NR, 2))
+    return w_q.new_empty(((N + PACK_NR - 1) // PACK_NR, (K + PACK_KQ - 1) // PACK_KQ, PACK_NR, PACK_KQ))
 
 
 @torch.library.register_fake("glufx::unpack_weight")

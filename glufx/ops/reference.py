@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .schema import PACK_NR, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
+from .schema import PACK_KQ, PACK_NR, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
 
 QMAX = 127.0
 
@@ -83,15 +83,15 @@ def _round_up(v: int, m: int) -> int:
 
 
 def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
-    # [N, K] int8 -> [N/8, K/2, 8, 2]: per block of 8 channels, the pairs of input channels interleaved
+    # [N, K] int8 -> [N/16, K/4, 16, 4]: per block of 16 channels, quads of input channels interleaved
     N, K = w_q.shape
-    padded = torch.zeros(_round_up(N, PACK_NR), _round_up(K, 2), dtype=torch.int8)
+    padded = torch.zeros(_round_up(N, PACK_NR), _round_up(K, PACK_KQ), dtype=torch.int8)
     padded[:N, :K] = w_q
-    return padded.view(-1, PACK_NR, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(padded.shape[0] // PACK_NR, PACK_NR, -1, PACK_KQ).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack_weight(w_packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    Np, Kp = w_packed.shape[0] * PACK_NR, w_packed.shape[1] * 2
+    Np, Kp = w_packed.shape[0] * PACK_NR, w_packed.shape[1] * PACK_KQ
     return w_packed.permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K].contiguous()
 
 

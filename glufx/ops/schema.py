@@ -22,4 +22,4 @@ SCHEMAS = {
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
 }
 
-PACK_NR = 8  # output channels per packed block (csrc/cpu/packed_linear.cpp)
+PACK_NR, PACK_KQ = 16, 4  # output channels per packed block, input channels per group (csrc/cpu/packed_linear.cpp)

@@ -1,4 +1,7 @@
 """glufx ops: opcheck, exact agreement with the reference (glufx/ops/reference.py), fuzzing."""
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -165,6 +168,31 @@ def test_int8_mm_matches_reference(M, K, N, seed):
 
 # ---- packed-weight kernels ---------------------------------------------------------------
 
+def _cpu_flags() -> set:
+    try:
+        return set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return set()
+
+
+# GLUFX_CPU_KERNEL forces a kernel variant; test those this CPU can run
+KERNELS = ["generic"] + (["avx2"] if "avx2" in _cpu_flags() else []) + (
+    ["vnni"] if {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags() else [])
+
+
+@contextlib.contextmanager
+def cpu_kernel(name: str):
+    old = os.environ.get("GLUFX_CPU_KERNEL")
+    os.environ["GLUFX_CPU_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GLUFX_CPU_KERNEL"]
+        else:
+            os.environ["GLUFX_CPU_KERNEL"] = old
+
+
 @pytest.mark.parametrize("granularity", sorted(GRANULARITIES.values()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_packed(granularity, dtype):
@@ -193,14 +221,17 @@ def test_packed_linear_matches_reference(case):
     assert torch.equal(packed, reference.pack_weight(w_q))
     assert torch.equal(ops.unpack_weight(packed, N, K), w_q)
     xs = torch.tensor([(float(x.abs().max()) / 127 if x.numel() else 0.0) or 1.0]) if granularity == STATIC else None
-    y = ops.int8_linear_packed(x, packed, w_s, b, xs, granularity)
     y_ref = reference.int8_linear_packed(x, packed, w_s, b, xs, granularity)
-    assert torch.equal(y, y_ref), f"max abs diff {(y - y_ref).abs().max()}"
-    assert torch.equal(y, ops.int8_linear(x, w_q, w_s, b, xs, granularity))
+    for kernel in KERNELS:  # every variant this CPU can run (VNNI, AVX2, generic)
+        with cpu_kernel(kernel):
+            y = ops.int8_linear_packed(x, packed, w_s, b, xs, granularity)
+        assert torch.equal(y, y_ref), f"{kernel}: max abs diff {(y - y_ref).abs().max()}"
+    assert torch.equal(y_ref, ops.int8_linear(x, w_q, w_s, b, xs, granularity))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_packed_linear_thread_count_invariant(threads):
+def test_packed_linear_thread_count_invariant(threads, kernel):
     w_q = torch.randint(-127, 128, (1000, 517), dtype=torch.int8)
     w_s = torch.rand(1000) + 0.01
     packed = ops.pack_weight(w_q)
@@ -208,7 +239,8 @@ def test_packed_linear_thread_count_invariant(threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = ops.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN)
+        with cpu_kernel(kernel):
+            y = ops.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y, reference.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN))
