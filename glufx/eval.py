@@ -35,7 +35,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     """
     from .prefix import PrefixedLM
 
-    prefixed = isinstance(model, PrefixedLM)
+    prefixed = isinstance(getattr(model, "_orig_mod", model), PrefixedLM)  # also under torch.compile
     if prefixed and first_scored < 2:
         raise ValueError("perplexity: a QFeP model predicts tokens from position 2 on; pass first_scored=2 "
                          "(and use it for every model you compare against)")
