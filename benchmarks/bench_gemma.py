@@ -4,7 +4,6 @@ lm_head in INT8), in one process.
     python -m pytest benchmarks/bench_gemma.py -q -s
 """
 import copy
-import time
 
 import pytest
 import torch

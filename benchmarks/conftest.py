@@ -32,7 +32,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                           f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
     if not med:
         return
-    import glufx  # noqa: F401
     import numpy
     import torchao
 

@@ -111,14 +111,13 @@ def test_generate_and_batches(calib_ids):
 
 
 def test_strings_and_file_calibration(tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
+    # a character-level tokenizer that prepends BOS, as Llama / Gemma tokenizers do
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(97 + i): 3 + i for i in range(26)}, ".": 29, "\n": 30}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    from tokenizers import processors
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     texts = ["the quick brown fox. jumps over\nthe lazy dog." * 3, "hello world.\n" * 5, "abc" * 40, "z"]

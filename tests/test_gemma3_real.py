@@ -6,7 +6,6 @@ Minutes on 2 cores (the GGUF is converted once into ~/.cache/glufx).
 import copy
 
 import pytest
-import torch
 
 import glufx
 from glufx.eval import perplexity, wikitext2_windows

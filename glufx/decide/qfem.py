@@ -6,7 +6,7 @@ keeps the top scores up to `max_fp_param_share`; `off` quantizes every decoder l
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

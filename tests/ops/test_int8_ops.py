@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import glufx
+import glufx  # noqa: F401  (registers torch.ops.glufx)
 from glufx.ops import GRANULARITIES, NATIVE, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC, reference
 from glufx.ops.schema import SCHEMAS
 
