@@ -269,17 +269,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   const int32_t* accp = acc.data_ptr<int32_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t mb, int64_t me) {
-    for (int64_t m = mb; m < me; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        float v = static_cast<float>(accp[m * N + n]) * sx[m];
-        v = v * sw[n];
-        if (b) v = v + b[n];
-        o[m * N + n] = v;
-      }
+    for (int64_t m = mb; m < me; ++m) dequantize_row(accp + m * N, sx[m], sw, b, o + m * N, N);
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.to(x.scalar_type()).view(shape);
+  return to_output(out, x, N);
 }
 
 }  // namespace

@@ -62,16 +62,6 @@ at::Tensor unpack_weight_cpu(const at::Tensor& packed, int64_t N, int64_t K) {
   return packed.permute({0, 2, 1, 3}).reshape({Np, Kp}).narrow(0, 0, N).narrow(1, 0, K).contiguous();
 }
 
-// Epilogue: y = (float(acc) * s_x) * s_w + b, the reference's order (no FMA contraction).
-inline void store_row(const int32_t* acc, float sx, const float* sw, const float* bias, float* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    float v = static_cast<float>(acc[j]) * sx;
-    v = v * sw[j];
-    if (bias) v = v + bias[j];
-    out[j] = v;
-  }
-}
-
 struct PackedArgs {
   const void* A;  // quantized activations [M, Kp]: uint8 (q + 128) for VNNI, int16 otherwise
   const int8_t* W;
@@ -94,7 +84,7 @@ void rows_generic(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb0, int6
       for (int64_t kq = 0; kq < kq_n; ++kq)
         for (int64_t j = 0; j < kNR; ++j)
           for (int64_t t = 0; t < kKQ; ++t) acc[j] += int32_t(a[kq * kKQ + t]) * wb[(kq * kNR + j) * kKQ + t];
-      store_row(acc, p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, p.Y + m * p.N + n0, n);
+      dequantize_row(acc, p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, p.Y + m * p.N + n0, n);
     }
   }
 }
@@ -113,7 +103,7 @@ GLUFX_VNNI inline void store16(__m512i acc, float sx, const float* sw, const flo
   }
   alignas(64) int32_t tmp[kNR];
   _mm512_store_si512(tmp, acc);
-  store_row(tmp, sx, sw, bias, out, n);
+  dequantize_row(tmp, sx, sw, bias, out, n);
 }
 
 // MR rows x 2 blocks (32 channels) over k-quads [kq0, kq1).
@@ -187,7 +177,7 @@ GLUFX_AVX2 inline void store8(__m256i acc, float sx, const float* sw, const floa
   }
   alignas(32) int32_t tmp[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc);
-  if (n > 0) store_row(tmp, sx, sw, bias, out, n);
+  if (n > 0) dequantize_row(tmp, sx, sw, bias, out, n);
 }
 
 // MR rows x 1 block (16 channels): 4 accumulators of 4 channels per row.
@@ -330,9 +320,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
       run_blocks(args, path, pb * 2, std::min(NB, pe * 2));
     });
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.to(x.scalar_type()).view(shape);
+  return to_output(out, x, N);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace glufx {
 namespace detail {
@@ -24,6 +25,23 @@ inline int8_t quantize_one(float v, float s) {
   float q = std::nearbyint(v / s);  // default rounding mode: half to even, as torch.round
   q = std::min(std::max(q, -kQMax), kQMax);
   return static_cast<int8_t>(q);
+}
+
+// Dequantization epilogue: y = (float(acc) * s_x) * s_w + b, the reference's order (no FMA contraction).
+inline void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* bias, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = static_cast<float>(acc[j]) * sx;
+    v = v * sw[j];
+    if (bias) v = v + bias[j];
+    out[j] = v;
+  }
+}
+
+// float32 [M, N] result -> x's dtype and leading shape [..., N]
+inline at::Tensor to_output(const at::Tensor& out, const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).view(shape);
 }
 
 void check_float(const at::Tensor& x, const char* op);
