@@ -93,7 +93,7 @@ def calibrate(model: nn.Module, calib_data: Any, config: Optional[GlufxConfig] =
         match, observer = _observe(runner, calib, config, root="model.")
         timings["qfep_s"] = time.perf_counter() - t0
 
-    stats = {f: st for st in observer.stats.values() for f in st.fqns}
+    stats = observer.by_fqn()
     x_scales = {f: st.absmax / 127.0 for f, st in stats.items() if st.absmax > 0}
     t0 = time.perf_counter()
     plan = decide(model, match, observer, calib.heldout, config, x_scales, runner=runner)
@@ -112,7 +112,7 @@ def _search_prefix(model, match: MatchResult, observer: Observer, calib: Calibra
     if not is_causal_lm(model):
         raise ValueError("glufx: QFeP needs a causal language model (a KV cache to hold the prefix); "
                          "use GlufxConfig(qfep='off') for other modules")
-    by_fqn = {f: st for st in observer.stats.values() for f in st.fqns}
+    by_fqn = observer.by_fqn()
     scored = [f for f in targets(match, config) if f in by_fqn]
     target = max(scored, key=lambda f: by_fqn[f].score)
     bos = calib.bos_token_id

@@ -81,6 +81,10 @@ class Observer:
         self.token_ids: Optional[torch.Tensor] = None
         self.seq_offset = 0
 
+    def by_fqn(self) -> dict[str, InputStats]:
+        """Statistics per linear FQN (sibling linears share one InputStats)."""
+        return {f: st for st in self.stats.values() for f in st.fqns}
+
     def record(self, x: torch.Tensor, gid: int) -> None:
         st = self.stats[gid]
         x = x.detach()

@@ -29,12 +29,8 @@ def targets(match: MatchResult, config: GlufxConfig) -> list[str]:
     return [f for f, p in match.projections.items() if p.kind == "linear" and p.role in roles]
 
 
-def module_scores(match: MatchResult, observer: Observer) -> dict[str, float]:
-    scores = {}
-    for st in observer.stats.values():
-        for f in st.fqns:
-            scores[f] = st.score
-    return scores
+def module_scores(observer: Observer) -> dict[str, float]:
+    return {f: st.score for f, st in observer.by_fqn().items()}
 
 
 class HeldoutMetric:
@@ -96,7 +92,7 @@ def decide(model: nn.Module, match: MatchResult, observer: Observer, heldout: li
            config: GlufxConfig, x_scales: dict[str, float], runner: Optional[nn.Module] = None) -> Plan:
     """`runner` runs the held-out metric (the QFeP wrapper when a prefix is active); `model` is rewritten."""
     quant_targets = targets(match, config)
-    scores = module_scores(match, observer)
+    scores = module_scores(observer)
     decoder_params = sum(match.projections[f].n_params for f in quant_targets if match.projections[f].role != "head")
     # Candidate groups: sibling groups of target linears, worst spikes first.
     groups: dict[int, list[str]] = {}
