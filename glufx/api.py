@@ -127,6 +127,15 @@ def _summary(st: InputStats) -> dict:
             "top": st.top_tokens()[:5]}
 
 
+def prefixed(model: nn.Module, plan: Plan) -> nn.Module:
+    """The floating-point `model` with the plan's QFeP prefix in front (a PrefixedLM), unquantized:
+    what `torch.compile(..., backend="glufx", options={"plan": plan})` compiles for a QFeP plan."""
+    if not plan.qfep:
+        return model
+    check_model(model)
+    return PrefixedLM(model, compute_prefix_kv(model, plan.qfep["token_ids"]))
+
+
 def compile(model: nn.Module, calib_data: Any = None, config: Optional[GlufxConfig] = None, *, tokenizer=None,
             plan: Optional[Plan] = None) -> nn.Module:
     """Calibrate (unless a plan is given) and rewrite `model` in place; returns it (wrapped in a PrefixedLM

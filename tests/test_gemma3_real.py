@@ -4,8 +4,12 @@ WikiText-2 raw test, 16 windows of 512 tokens with BOS first; calibration on ../
 Minutes on 2 cores (the GGUF is converted once into ~/.cache/glufx).
 """
 import copy
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
 import glufx
 from glufx.eval import perplexity, wikitext2_windows
@@ -35,7 +39,7 @@ def results(gemma):
     del naive
     quant = glufx.compile(copy.deepcopy(model), plan=plan)
     return {"fp": fp, "naive": naive_ppl, "glufx": perplexity(quant, windows, progress=False), "plan": plan,
-            "model": quant, "tok": tok}
+            "model": quant, "tok": tok, "windows": windows}
 
 
 def test_plan_ranks_layer0_down_proj_first(results):
@@ -63,3 +67,38 @@ def test_generate(results):
     out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert out.shape == (2, enc.input_ids.shape[1] + 8)
     assert sum(isinstance(m, glufx.Int8Linear) for m in model.modules()) == len(results["plan"].quantized())
+
+
+def test_backend_aoti_and_saved_model_reproduce_eager(gemma, results, tmp_path):
+    """The backend through Inductor, an AOTInductor package in a fresh process and glufx.save/load
+    give glufx.compile's outputs bit for bit on the real model."""
+    model, tok = gemma
+    plan, quant = results["plan"], results["model"]
+    ids = tok(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt").input_ids
+    ids = torch.cat([ids, ids.flip(1)])  # batch 2: export specialises size-1 dimensions
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = quant(input_ids=ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, use_cache=False).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan})
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits, ref)
+    torch._dynamo.reset()
+
+    package = glufx.aoti_package(glufx.export(quant, (ids, mask)), str(tmp_path / "gemma.pt2"))
+    torch.save({"ids": ids, "mask": mask, "ref": ref}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        import glufx
+        runner = torch._inductor.aoti_load_package({package!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        print("equal", bool(torch.equal(runner(io["ids"], io["mask"]), io["ref"])))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert "equal True" in res.stdout, res.stdout + res.stderr[-3000:]
+
+    glufx.save(quant, tmp_path / "saved")
+    loaded = glufx.load(tmp_path / "saved")
+    assert perplexity(loaded, results["windows"], progress=False) == results["glufx"]

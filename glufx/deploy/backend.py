@@ -5,11 +5,12 @@ PyTorch's global configuration at import. The backend runs glufx's matcher on th
 (torch-IR spelling; weights arrive as placeholders whose real tensors are in `example_inputs`),
 rewrites every linear the plan quantizes into `torch.ops.glufx.int8_linear_packed` with the packed
 weight as a graph constant, and hands the graph to Inductor, which keeps the glufx op as an extern
-call. Quantized weights are cached by FQN and weight version, so recompiles (new shapes, guards)
+call and (by default) eager's float math around it (deploy/inductor.py). Quantized weights are cached by FQN and weight version, so recompiles (new shapes, guards)
 reuse them.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -20,9 +21,12 @@ from torch import fx
 from ..match import is_linear, module_fqn, projection_input
 from ..ops.schema import GRANULARITIES
 from ..plan import Plan
+from .inductor import compile_graph
 
 counters: Counter = Counter()
-_weight_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# id(weight) -> (weakref to it, (fqn, version, shape, dtype), (packed, scale)). Keyed by the live
+# tensor, not its data_ptr: a freed model's storage is reused by the next one, same shapes and FQNs.
+_weight_cache: dict[int, tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def _resolve_plan(options: Optional[dict]) -> Plan:
@@ -47,14 +51,17 @@ def _plan_key(fqn: str, plan: Plan) -> Optional[str]:
 
 
 def _quantized(fqn: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (fqn, weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    if key not in _weight_cache:
-        w_q, w_scale = torch.ops.glufx.quantize_weight(weight.detach())
-        _weight_cache[key] = (torch.ops.glufx.pack_weight(w_q), w_scale)
-        counters["weights_quantized"] += 1
-    else:
+    state = (fqn, weight._version, tuple(weight.shape), weight.dtype)
+    hit = _weight_cache.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == state:
         counters["weights_cache_hits"] += 1
-    return _weight_cache[key]
+        return hit[2]
+    w_q, w_scale = torch.ops.glufx.quantize_weight(weight.detach())
+    packed = (torch.ops.glufx.pack_weight(w_q), w_scale)
+    key = id(weight)
+    _weight_cache[key] = (weakref.ref(weight, lambda _: _weight_cache.pop(key, None)), state, packed)
+    counters["weights_quantized"] += 1
+    return packed
 
 
 def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> int:
@@ -99,14 +106,29 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
     return n_rewritten
 
 
-def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Any:
-    plan = _resolve_plan(options)
-    rewrite_dynamo_graph(gm, example_inputs, plan)
-    counters["graphs"] += 1
-    if (options or {}).get("inductor", True) is False:
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+def _holds_prefix(gm: fx.GraphModule) -> bool:
+    """A PrefixedLM's prefix KV buffers reach the graph as inputs (or constants) named after them."""
+    return any("prefix_k0" in node.name or "prefix_k0" in str(node.target)
+               for node in gm.graph.nodes if node.op in ("placeholder", "get_attr"))
 
+
+def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Any:
+    """options: `plan` (a Plan or its JSON path); `inductor` (default True; False runs the rewritten
+    graph as is); `exact` (default True: Inductor keeps eager's float math, so the logits equal
+    `glufx.compile`'s bit for bit; False lets it generate every float op, see deploy/inductor.py)."""
+    options = dict(options or {})
+    unknown = set(options) - {"plan", "inductor", "exact"}
+    if unknown:
+        raise ValueError(f"glufx backend: unknown option(s) {sorted(unknown)}; known: plan, inductor, exact")
+    plan = _resolve_plan(options)
+    n_rewritten = rewrite_dynamo_graph(gm, example_inputs, plan)
+    if plan.qfep and n_rewritten and not _holds_prefix(gm):
+        raise ValueError("glufx backend: the plan has a QFeP prefix but the compiled model does not: compile "
+                         'torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
+                         "(the plan's QFeM choices were measured with the prefix in place)")
+    counters["graphs"] += 1
+    if not options.get("inductor", True):
+        return gm.forward
     # A fresh GraphModule: Inductor looks new get_attr constants up by their source otherwise
     # (NOTES-capture.md: "... not found in param_name_to_source").
-    return compile_fx(fx.GraphModule(gm, gm.graph), example_inputs)
+    return compile_graph(fx.GraphModule(gm, gm.graph), example_inputs, exact=options.get("exact", True))

@@ -33,6 +33,10 @@ def export(model: nn.Module, example_inputs: Optional[tuple[torch.Tensor, torch.
     if example_inputs is None:
         ids = torch.randint(3, 100, (2, 8))
         example_inputs = (ids, torch.ones_like(ids))
+    if dynamic and min(example_inputs[0].shape) < 2:
+        raise ValueError(f"glufx.export: example inputs of shape {tuple(example_inputs[0].shape)}: torch.export "
+                         "specialises dimensions of size 0 or 1, so give batch and sequence >= 2 "
+                         "(or dynamic=False for a fixed-shape program)")
     program = LogitsProgram(model).eval()
     shapes = None
     if dynamic:
