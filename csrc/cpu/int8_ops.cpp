@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -124,6 +125,26 @@ void check_float(const at::Tensor& x, const char* op) {
 }
 
 // Per-row scales [M] of x2d [M, K] (float32, contiguous) for the given granularity.
+#ifdef GLUFX_X86
+// max |x[k]| over the first K - K % 8 values into amax, finite &= every one of them is finite;
+// returns how many it covered. max is exact, so any order gives the scalar loop's result.
+__attribute__((target("avx2"))) int64_t absmax_avx2(const float* x, int64_t K, float& amax, bool& finite) {
+  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.402823466e38f);
+  __m256 a = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(v, big, _CMP_LE_OQ));  // false for NaN and Inf
+    a = _mm256_max_ps(a, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  for (float l : lanes) amax = std::max(amax, l);
+  finite &= _mm256_movemask_ps(ok) == 0xFF;
+  return k;
+}
+#endif
+
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
@@ -148,7 +169,11 @@ at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t 
       const float* row = x + m * K;
       float a = 0.f;
       bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
+      int64_t k = 0;
+#ifdef GLUFX_X86
+      if (cpu_has_avx2()) k = absmax_avx2(row, K, a, finite);
+#endif
+      for (; k < K; ++k) {
         const float v = std::fabs(row[k]);
         finite &= v <= 3.402823466e38f;  // false for NaN and Inf
         a = std::max(a, v);
@@ -170,14 +195,52 @@ at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t 
   return scales;
 }
 
+#ifdef GLUFX_X86
+// 8 quantized values (as int16) of x[0..7]: the scalar quantize_one, lane by lane.
+__attribute__((target("avx2"))) inline __m128i quantize8_avx2(const float* x, __m256 s, __m256 lo, __m256 hi) {
+  __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+  return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+}
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t quantize_row_avx2(const float* x, int64_t K, float s, int32_t offset, T* out) {
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-kQMax), hi = _mm256_set1_ps(kQMax);
+  const __m128i off = _mm_set1_epi16(static_cast<int16_t>(offset));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m128i q16 = _mm_add_epi16(quantize8_avx2(x + k, vs, lo, hi), off);
+    if constexpr (sizeof(T) == 2) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), q16);
+    } else if constexpr (std::is_signed_v<T>) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(q16, q16));
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packus_epi16(q16, q16));
+    }
+  }
+  return k;
+}
+#endif
+
+template <typename T>
+void quantize_row(const float* x, int64_t K, float s, int32_t offset, T* out) {
+  int64_t k = 0;
+#ifdef GLUFX_X86
+  if (cpu_has_avx2()) k = quantize_row_avx2(x, K, s, offset, out);
+#endif
+  for (; k < K; ++k) out[k] = static_cast<T>(quantize_one(x[k], s) + offset);
+}
+template void quantize_row<int8_t>(const float*, int64_t, float, int32_t, int8_t*);
+template void quantize_row<uint8_t>(const float*, int64_t, float, int32_t, uint8_t*);
+template void quantize_row<int16_t>(const float*, int64_t, float, int32_t, int16_t*);
+
 void quantize_rows(const at::Tensor& x2d, const at::Tensor& scales, at::Tensor& q) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
   const float* x = x2d.data_ptr<float>();
   const float* s = scales.data_ptr<float>();
   int8_t* out = q.data_ptr<int8_t>();
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m)
-      for (int64_t k = 0; k < K; ++k) out[m * K + k] = quantize_one(x[m * K + k], s[m]);
+    for (int64_t m = b; m < e; ++m) quantize_row(x + m * K, K, s[m], 0, out + m * K);
   });
 }
 

@@ -33,7 +33,6 @@ using namespace detail;
 
 constexpr int64_t kNR = 16;  // output channels per packed block
 constexpr int64_t kKQ = 4;   // input channels per packed group
-constexpr int64_t kBlockedMinRows = 32, kKC = 128, kMC = 192;  // k-quads x rows per cache block
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -67,8 +66,7 @@ struct PackedArgs {
   const int8_t* W;
   const float *sx, *sw, *bias;
   float* Y;    // [M, N]
-  int32_t* C;  // [M, Np] partial sums between k-blocks (blocked path only)
-  int64_t M, N, Np, Kp;
+  int64_t M, N, Kp;
 };
 
 void rows_generic(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
@@ -92,6 +90,18 @@ void rows_generic(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb0, int6
 #ifdef GLUFX_X86
 // ---- AVX-512 VNNI ---------------------------------------------------------------------------
 #define GLUFX_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define GLUFX_UNROLL _Pragma("GCC unroll 16")
+
+// acc += a (u8) . b (s8), 4-wide dot products into int32. GCC 12's _mm512_dpbusd_epi32 does not tie
+// the accumulator to the destination register: every call copies it, and with a tile of 16
+// accumulators the copies spill to the stack (measured: half the throughput of this form).
+GLUFX_VNNI inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+#if defined(__GNUC__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+#else
+  acc = _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
 
 GLUFX_VNNI inline void store16(__m512i acc, float sx, const float* sw, const float* bias, float* out, int64_t n) {
   if (n == kNR) {
@@ -106,57 +116,64 @@ GLUFX_VNNI inline void store16(__m512i acc, float sx, const float* sw, const flo
   dequantize_row(tmp, sx, sw, bias, out, n);
 }
 
-// MR rows x 2 blocks (32 channels) over k-quads [kq0, kq1).
+// acc[r][0..31] = sum over the kq_n k-quads of row r of A against channel blocks w0 and w1 (exact
+// int32). Nothing but the dot products, and not inlined: inlined into the tile's bookkeeping, GCC 12
+// keeps the accumulator arrays on the stack (a load and a store around every vpdpbusd).
 template <int MR>
-GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb, bool two, int64_t kq0, int64_t kq1, bool first,
-                          bool last) {
-  const uint8_t* A = static_cast<const uint8_t*>(p.A) + m0 * p.Kp;
-  const int64_t block = (p.Kp / kKQ) * kNR * kKQ;
-  const int8_t* w0 = p.W + nb * block;
-  const int8_t* w1 = two ? w0 + block : w0;
-  const int64_t n0 = nb * kNR;
-  int32_t* C = p.C ? p.C + m0 * p.Np + n0 : nullptr;
+__attribute__((noinline)) GLUFX_VNNI void dot_vnni(const uint8_t* A, int64_t lda, const int8_t* w0, const int8_t* w1, int64_t kq_n,
+                         int32_t* acc) {
   __m512i c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(C + r * p.Np);
-    c1[r] = first || !two ? _mm512_setzero_si512() : _mm512_loadu_si512(C + r * p.Np + kNR);
-  }
+  GLUFX_UNROLL
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_si512();
   __m512i s0 = _mm512_setzero_si512(), s1 = s0;
   const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t kq = kq0; kq < kq1; ++kq) {
+  for (int64_t kq = 0; kq < kq_n; ++kq) {
     const __m512i b0 = _mm512_loadu_si512(w0 + kq * kNR * kKQ);
     const __m512i b1 = _mm512_loadu_si512(w1 + kq * kNR * kKQ);
-    s0 = _mm512_dpbusd_epi32(s0, k128, b0);
-    s1 = _mm512_dpbusd_epi32(s1, k128, b1);
+    dpbusd(s0, k128, b0);
+    dpbusd(s1, k128, b1);
+    GLUFX_UNROLL
     for (int r = 0; r < MR; ++r) {
       int32_t quad;
-      std::memcpy(&quad, A + r * p.Kp + kq * kKQ, sizeof(quad));
+      std::memcpy(&quad, A + r * lda + kq * kKQ, sizeof(quad));
       const __m512i a = _mm512_set1_epi32(quad);
-      c0[r] = _mm512_dpbusd_epi32(c0[r], a, b0);
-      c1[r] = _mm512_dpbusd_epi32(c1[r], a, b1);
+      dpbusd(c0[r], a, b0);
+      dpbusd(c1[r], a, b1);
     }
   }
+  GLUFX_UNROLL
   for (int r = 0; r < MR; ++r) {
-    const __m512i r0 = _mm512_sub_epi32(c0[r], s0), r1 = _mm512_sub_epi32(c1[r], s1);
-    if (!last) {
-      _mm512_storeu_si512(C + r * p.Np, r0);
-      if (two) _mm512_storeu_si512(C + r * p.Np + kNR, r1);
-      continue;
-    }
+    _mm512_storeu_si512(acc + r * 2 * kNR, _mm512_sub_epi32(c0[r], s0));
+    _mm512_storeu_si512(acc + r * 2 * kNR + kNR, _mm512_sub_epi32(c1[r], s1));
+  }
+}
+
+// MR rows x 2 blocks (32 channels) over the whole K, dequantized straight into Y.
+template <int MR>
+GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb, bool two) {
+  const int64_t block = (p.Kp / kKQ) * kNR * kKQ;
+  const int8_t* w0 = p.W + nb * block;
+  alignas(64) int32_t acc[MR * 2 * kNR];
+  dot_vnni<MR>(static_cast<const uint8_t*>(p.A) + m0 * p.Kp, p.Kp, w0, two ? w0 + block : w0, p.Kp / kKQ, acc);
+  const int64_t n0 = nb * kNR;
+  for (int r = 0; r < MR; ++r) {
     float* y = p.Y + (m0 + r) * p.N;
     const float sx = p.sx[m0 + r];
+    const __m512i r0 = _mm512_load_si512(acc + r * 2 * kNR), r1 = _mm512_load_si512(acc + r * 2 * kNR + kNR);
     store16(r0, sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y + n0, std::min(kNR, p.N - n0));
     if (two)
       store16(r1, sx, p.sw + n0 + kNR, p.bias ? p.bias + n0 + kNR : nullptr, y + n0 + kNR, std::min(kNR, p.N - n0 - kNR));
   }
 }
 
-GLUFX_VNNI void rows_vnni(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, bool two, int64_t kq0, int64_t kq1,
-                          bool first, bool last) {
+GLUFX_VNNI void rows_vnni(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, bool two) {
   int64_t m = m0;
-  for (; m + 8 <= m1; m += 8) tile_vnni<8>(p, m, nb, two, kq0, kq1, first, last);
-  for (; m + 4 <= m1; m += 4) tile_vnni<4>(p, m, nb, two, kq0, kq1, first, last);
-  for (; m < m1; ++m) tile_vnni<1>(p, m, nb, two, kq0, kq1, first, last);
+  // 12-row tiles (24 accumulators + 6 operands fill the 32 zmm registers), 8 rows where a 12 would
+  // leave a 4-row tail (M = 16: two 8s beat 12 + 4)
+  for (; m + 12 <= m1 && m1 - m != 16; m += 12) tile_vnni<12>(p, m, nb, two);
+  for (; m + 8 <= m1; m += 8) tile_vnni<8>(p, m, nb, two);
+  for (; m + 4 <= m1; m += 4) tile_vnni<4>(p, m, nb, two);
+  for (; m < m1; ++m) tile_vnni<1>(p, m, nb, two);
 }
 
 // ---- AVX2 -----------------------------------------------------------------------------------
@@ -182,15 +199,14 @@ GLUFX_AVX2 inline void store8(__m256i acc, float sx, const float* sw, const floa
 
 // MR rows x 1 block (16 channels): 4 accumulators of 4 channels per row.
 template <int MR>
-GLUFX_AVX2 void tile_avx2(const PackedArgs& p, int64_t m0, int64_t nb, int64_t kq0, int64_t kq1, bool first, bool last) {
+GLUFX_AVX2 void tile_avx2(const PackedArgs& p, int64_t m0, int64_t nb) {
   const int16_t* A = static_cast<const int16_t*>(p.A) + m0 * p.Kp;
   const int8_t* w = p.W + nb * (p.Kp / kKQ) * kNR * kKQ;
   const int64_t n0 = nb * kNR;
-  int32_t* C = p.C ? p.C + m0 * p.Np + n0 : nullptr;
   __m256i c[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) c[r][j] = _mm256_setzero_si256();
-  for (int64_t kq = kq0; kq < kq1; ++kq) {
+  for (int64_t kq = 0; kq < p.Kp / kKQ; ++kq) {
     __m256i b[4];
     for (int j = 0; j < 4; ++j)
       b[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kq * kNR * kKQ + 16 * j)));
@@ -203,15 +219,6 @@ GLUFX_AVX2 void tile_avx2(const PackedArgs& p, int64_t m0, int64_t nb, int64_t k
   }
   for (int r = 0; r < MR; ++r) {
     __m256i lo = fold_pairs(c[r][0], c[r][1]), hi = fold_pairs(c[r][2], c[r][3]);  // channels 0-7, 8-15
-    if (!first) {
-      lo = _mm256_add_epi32(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * p.Np)));
-      hi = _mm256_add_epi32(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * p.Np + 8)));
-    }
-    if (!last) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * p.Np), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * p.Np + 8), hi);
-      continue;
-    }
     float* y = p.Y + (m0 + r) * p.N;
     const float sx = p.sx[m0 + r];
     const int64_t n = std::min(kNR, p.N - n0);
@@ -220,11 +227,10 @@ GLUFX_AVX2 void tile_avx2(const PackedArgs& p, int64_t m0, int64_t nb, int64_t k
   }
 }
 
-GLUFX_AVX2 void rows_avx2(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, int64_t kq0, int64_t kq1, bool first,
-                          bool last) {
+GLUFX_AVX2 void rows_avx2(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb) {
   int64_t m = m0;
-  for (; m + 2 <= m1; m += 2) tile_avx2<2>(p, m, nb, kq0, kq1, first, last);
-  for (; m < m1; ++m) tile_avx2<1>(p, m, nb, kq0, kq1, first, last);
+  for (; m + 2 <= m1; m += 2) tile_avx2<2>(p, m, nb);
+  for (; m < m1; ++m) tile_avx2<1>(p, m, nb);
 }
 #endif
 
@@ -243,29 +249,19 @@ Path choose_path() {
   return Path::kGeneric;
 }
 
-// Few rows: each weight slice streams once over the whole K (memory-bound). Many rows: KC k-quads
-// x MC rows cache blocks, so a 32-channel weight block stays in L1 while the activation block stays
-// in L2; int32 partial sums go through C between k-blocks.
+// Each thread owns pairs of 16-channel blocks; a pair's weights (32 x K bytes) are read from memory
+// once and stay in L2 while every row tile streams past them over the whole K, so the int32 sums
+// never leave the registers. (K-blocking with partial sums in memory was measured slower: at
+// 11008 channels the partial sums of one row block outgrow L2.)
 void run_blocks(const PackedArgs& p, Path path, int64_t nb0, int64_t nb1) {
-  const int64_t kq_n = p.Kp / kKQ;
   if (path == Path::kGeneric) return rows_generic(p, 0, p.M, nb0, nb1);
-  const bool blocked = p.C != nullptr;
-  const int64_t kc = blocked ? kKC : std::max<int64_t>(kq_n, 1), mc = blocked ? kMC : std::max<int64_t>(p.M, 1);
-  for (int64_t kq0 = 0; kq0 == 0 || kq0 < kq_n; kq0 += kc) {
-    const int64_t kq1 = std::min(kq_n, kq0 + kc);
-    const bool first = kq0 == 0, last = kq1 == kq_n;
-    for (int64_t m0 = 0; m0 < p.M; m0 += mc) {
-      const int64_t m1 = std::min(p.M, m0 + mc);
 #ifdef GLUFX_X86
-      if (path == Path::kVnni) {
-        for (int64_t nb = nb0; nb < nb1; nb += 2) rows_vnni(p, m0, m1, nb, nb + 1 < nb1, kq0, kq1, first, last);
-      } else {
-        for (int64_t nb = nb0; nb < nb1; ++nb) rows_avx2(p, m0, m1, nb, kq0, kq1, first, last);
-      }
-#endif
-    }
-    if (kq_n == 0) break;
+  if (path == Path::kVnni) {
+    for (int64_t nb = nb0; nb < nb1; nb += 2) rows_vnni(p, 0, p.M, nb, nb + 1 < nb1);
+  } else {
+    for (int64_t nb = nb0; nb < nb1; ++nb) rows_avx2(p, 0, p.M, nb);
   }
+#endif
 }
 
 at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
@@ -294,11 +290,11 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
       for (int64_t m = b; m < e; ++m) {
         if (u8) {
           uint8_t* a = aq.data_ptr<uint8_t>() + m * Kp;
-          for (int64_t k = 0; k < K; ++k) a[k] = static_cast<uint8_t>(quantize_one(xs[m * K + k], s[m]) + 128);
+          quantize_row(xs + m * K, K, s[m], 128, a);
           for (int64_t k = K; k < Kp; ++k) a[k] = 128;  // q = 0 (padded weights are 0 too)
         } else {
           int16_t* a = aq.data_ptr<int16_t>() + m * Kp;
-          for (int64_t k = 0; k < K; ++k) a[k] = quantize_one(xs[m * K + k], s[m]);
+          quantize_row(xs + m * K, K, s[m], 0, a);
           for (int64_t k = K; k < Kp; ++k) a[k] = 0;
         }
       }
@@ -307,11 +303,9 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   at::Tensor out = at::empty({M, N}, x2d.options());
   at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor ws = w_scale.contiguous();
-  at::Tensor C;
-  if (M >= kBlockedMinRows && path != Path::kGeneric) C = at::empty({M, NB * kNR}, x2d.options().dtype(at::kInt));
   PackedArgs args{aq.data_ptr(), w_packed.data_ptr<int8_t>(), s_x.data_ptr<float>(), ws.data_ptr<float>(),
                   b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-                  C.defined() ? C.data_ptr<int32_t>() : nullptr, M, N, NB * kNR, Kp};
+                  M, N, Kp};
   if (M > 0 && N > 0) {
     // Threads split output-channel blocks (pairs of 16): each streams its own slice of the weight.
     const int64_t pairs = (NB + 1) / 2;

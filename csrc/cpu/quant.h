@@ -49,6 +49,10 @@ void check_float(const at::Tensor& x, const char* op);
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op);
 void quantize_rows(const at::Tensor& x2d, const at::Tensor& scales, at::Tensor& q);
+// out[k] = quantize_one(x[k], s) + offset for k < K (AVX2 when the CPU has it, bit-equal to the scalar
+// form: IEEE division, round half to even, clamp); T = int8_t, uint8_t (offset 128) or int16_t.
+template <typename T>
+void quantize_row(const float* x, int64_t K, float s, int32_t offset, T* out);
 // x [..., K] -> (float32 [M, K] contiguous, rows per sequence)
 std::pair<at::Tensor, int64_t> flatten_activations(const at::Tensor& x);
 bool cpu_has_avx2();
