@@ -87,17 +87,21 @@ def test_backend_aoti_and_saved_model_reproduce_eager(gemma, results, tmp_path):
         assert torch.equal(compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits, ref)
     torch._dynamo.reset()
 
-    package = glufx.aoti_package(glufx.export(quant, (ids, mask)), str(tmp_path / "gemma.pt2"))
+    program = glufx.export(quant, (ids, mask))
+    torch.export.save(program, tmp_path / "gemma_ep.pt2")
+    package = glufx.aoti_package(program, str(tmp_path / "gemma.pt2"))
     torch.save({"ids": ids, "mask": mask, "ref": ref}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import torch
         import glufx
-        runner = torch._inductor.aoti_load_package({package!r})
         io = torch.load({str(tmp_path / "io.pt")!r})
-        print("equal", bool(torch.equal(runner(io["ids"], io["mask"]), io["ref"])))
+        ep = torch.export.load({str(tmp_path / "gemma_ep.pt2")!r})
+        print("export equal", bool(torch.equal(ep.module()(io["ids"], io["mask"]), io["ref"])))
+        runner = torch._inductor.aoti_load_package({package!r})
+        print("aoti equal", bool(torch.equal(runner(io["ids"], io["mask"]), io["ref"])))
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
-    assert "equal True" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "export equal True" in res.stdout and "aoti equal True" in res.stdout, res.stdout + res.stderr[-3000:]
 
     glufx.save(quant, tmp_path / "saved")
     loaded = glufx.load(tmp_path / "saved")

@@ -37,6 +37,9 @@ def export(model: nn.Module, example_inputs: Optional[tuple[torch.Tensor, torch.
         raise ValueError(f"glufx.export: example inputs of shape {tuple(example_inputs[0].shape)}: torch.export "
                          "specialises dimensions of size 0 or 1, so give batch and sequence >= 2 "
                          "(or dynamic=False for a fixed-shape program)")
+    # Views (ids[:, 1:]) make export guard on their base tensor, which an input loaded elsewhere
+    # lacks: the reloaded program's input check then fails ('NoneType' has no attribute 'size').
+    example_inputs = tuple(t.clone() for t in example_inputs)
     program = LogitsProgram(model).eval()
     shapes = None
     if dynamic:

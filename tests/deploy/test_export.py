@@ -61,3 +61,21 @@ def test_export_refuses_size_one_examples(quantized):
     x = torch.randint(3, 96, (1, 7))
     with pytest.raises(ValueError, match="batch and sequence >= 2"):
         glufx.export(quantized, (x, torch.ones_like(x)))
+
+
+def test_exported_from_view_inputs_loads_in_a_fresh_process(quantized, tmp_path):
+    ids = torch.randint(3, 96, (3, 20))
+    ep = glufx.export(quantized, (ids[:, 1:12], torch.ones(3, 11, dtype=torch.long)))  # a view, as windows are
+    torch.export.save(ep, tmp_path / "m.pt2")
+    x, m = ids[:2, 2:9].clone(), torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        torch.save({"x": x, "m": m, "expected": quantized(input_ids=x, attention_mask=m).logits}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        import glufx
+        ep = torch.export.load({str(tmp_path / 'm.pt2')!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        print("equal", bool(torch.equal(ep.module()(io["x"], io["m"]), io["expected"])))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "equal True" in res.stdout, res.stdout + res.stderr[-3000:]
