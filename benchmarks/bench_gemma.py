@@ -1,5 +1,5 @@
 """Gemma 3 270M end to end: prefill of 512 tokens and greedy decode, FP32 vs glufx (same plan,
-lm_head in INT8), in one process.
+lm_head in INT8; unfused and with GLU fusion), in one process.
 
     python -m pytest benchmarks/bench_gemma.py -q -s
 """
@@ -21,10 +21,12 @@ def models():
     from importlib.resources import files
 
     plan = glufx.calibrate(model, str(files("glufx") / "data" / "calib_openwebtext.jsonl"), cfg, tokenizer=tok)
-    return {"fp32": model, "glufx": glufx.compile(copy.deepcopy(model), plan=plan)}, tok
+    fused = glufx.Plan.from_dict({**plan.to_dict(), "config": {**plan.config, "fuse_glu": True}})
+    return {"fp32": model, "glufx": glufx.compile(copy.deepcopy(model), plan=plan),
+            "glufx_fused_glu": glufx.compile(copy.deepcopy(model), plan=fused)}, tok
 
 
-@pytest.mark.parametrize("impl", ["fp32", "glufx"])
+@pytest.mark.parametrize("impl", ["fp32", "glufx", "glufx_fused_glu"])
 def test_prefill_512(benchmark, models, impl):
     m = models[0][impl]
     ids = torch.randint(3, 200000, (1, 512))
@@ -33,7 +35,7 @@ def test_prefill_512(benchmark, models, impl):
         benchmark.pedantic(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", ["fp32", "glufx"])
+@pytest.mark.parametrize("impl", ["fp32", "glufx", "glufx_fused_glu"])
 def test_decode(benchmark, models, impl):
     m, tok = models[0][impl], models[1]
     enc = tok("The history of the city begins", return_tensors="pt")

@@ -21,4 +21,9 @@ TORCH_LIBRARY(glufx, m) {
   m.def(
       "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
       "int granularity=0) -> Tensor");
+  // act(x W_gate^T) * (x W_up^T) from one quantized x; w_packed interleaves 16-channel blocks of
+  // gate and up (glufx.nn.pack_glu); activation: silu | gelu | gelu_tanh.
+  m.def(
+      "int8_glu_packed(Tensor x, Tensor w_packed, Tensor w_scale, int hidden, str activation, "
+      "Tensor? x_scale=None, int granularity=0) -> Tensor");
 }

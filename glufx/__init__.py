@@ -7,11 +7,11 @@ from . import ops  # noqa: F401  (registers torch.ops.glufx before anything load
 from .api import NoGLUError, calibrate, check_model, compile, prefixed
 from .config import GlufxConfig
 from .deploy import aoti_package, export, load, save
-from .nn import Int8Linear
+from .nn import Int8GLU, Int8Linear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
 from .rewrite import apply_plan, counters
 
-__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "calibrate", "compile", "apply_plan", "counters",
+__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "apply_plan", "counters",
            "check_model", "NoGLUError", "CalibrationError", "prefixed", "export", "aoti_package", "save", "load"]
 __version__ = "0.1.0"

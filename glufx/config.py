@@ -33,6 +33,9 @@ class GlufxConfig:
     # QFeP: "paper" ([BOS, c*, s*] by the rho search), "prefixquant" (outlier-count length), or "off"
     qfep: str = "off"
     quantize_lm_head: bool = False  # the paper keeps lm_head in FP
+    # run gate, up, activation and product of each GLU module as one op (glufx::int8_glu_packed;
+    # same outputs as unfused, one activation quantization and one pass over both weights)
+    fuse_glu: bool = False
     require_glu: bool = True  # refuse models without a GLU block (glufx's method targets them)
     progress: bool = True
     extra: dict = field(default_factory=dict)

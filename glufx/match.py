@@ -57,6 +57,7 @@ class GLUBlock:
     act: str  # silu | gelu | gelu_tanh
     fused: bool = False
     moe: bool = False
+    module: Optional[str] = None  # the module whose forward is exactly down(act(gate(x)) * up(x)), if one is
 
 
 @dataclass
@@ -188,6 +189,27 @@ def _projection_of(node, projs: dict[str, tuple[Projection, fx.Node]]) -> Option
     return None
 
 
+def _plain_glu_module(graph: fx.Graph, block: GLUBlock, strip_root: str, allowed: set) -> Optional[str]:
+    """The module holding gate, up and down whose forward computes nothing but the GLU (so it can be
+    replaced by one fused op), or None. Every op traced inside it must belong to one of the three
+    projections, be the activation or the product, or be a cast."""
+    parent = block.gate.rpartition(".")[0]
+    if not parent or block.up.rpartition(".")[0] != parent or block.down.rpartition(".")[0] != parent:
+        return None
+    projections = {block.gate, block.up, block.down}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        fqn = (module_fqn(node) or "").removeprefix(strip_root)
+        if fqn != parent and not fqn.startswith(parent + "."):
+            continue
+        inside_projection = any(fqn == p or fqn.startswith(p + ".") for p in projections)
+        if not (inside_projection or node in allowed or strip(node) is not node
+                or node.target in PASSTHROUGH_TARGETS or node.target in PASSTHROUGH_METHODS):
+            return None
+    return parent
+
+
 def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, strip_root: str = "") -> MatchResult:
     """`param_names`: placeholder name -> parameter FQN (an ExportedProgram's graph signature);
     `strip_root`: a wrapper's attribute path to drop, so FQNs are those of the wrapped model."""
@@ -235,7 +257,10 @@ def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, s
                 continue
             down = projs[downs[0].name][0]
             moe = gp.kind == "experts"
-            result.glu_blocks.append(GLUBlock(gate=gp.fqn, up=upp.fqn, down=down.fqn, act=act[0], fused=fused, moe=moe))
+            block = GLUBlock(gate=gp.fqn, up=upp.fqn, down=down.fqn, act=act[0], fused=fused, moe=moe)
+            if not (fused or moe):
+                block.module = _plain_glu_module(graph, block, strip_root, allowed={node, strip(node.args[act_side])})
+            result.glu_blocks.append(block)
             if fused:
                 gp.role = "gate_up"
             else:

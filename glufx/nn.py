@@ -63,3 +63,53 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"act={self.granularity}"
+
+
+def pack_glu(gate: Int8Linear, up: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate's and up's INT8 weights as one packed weight whose 16-channel blocks alternate gate, up
+    (the layout glufx::int8_glu_packed reads: one kernel tile yields a gate block and its up block)."""
+    hidden, K = gate.out_features, gate.in_features
+    padded = -(-hidden // 16) * 16
+
+    def blocks(w_q: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(w_q, (0, 0, 0, padded - hidden), value=fill).view(padded // 16, 16, -1)
+
+    w = torch.stack([blocks(gate.w_q, 0), blocks(up.w_q, 0)], dim=1).reshape(2 * padded, K)
+    s = torch.stack([blocks(gate.w_scale[:, None], 1.0), blocks(up.w_scale[:, None], 1.0)], dim=1).reshape(-1)
+    return torch.ops.glufx.pack_weight(w), s.contiguous()
+
+
+class Int8GLU(nn.Module):
+    """A GLU feed-forward block, down(act(gate(x)) * up(x)), with gate and up in one INT8 op
+    (glufx::int8_glu_packed: x quantized once, both projections in one pass, the activation and the
+    product in the op) and `down_proj` as the plan has it (Int8Linear or the original nn.Linear).
+    Replaces a module whose forward is exactly that block; its outputs equal the unfused ones."""
+
+    def __init__(self, in_features: int, hidden: int, activation: str, granularity: str, down_proj: nn.Module):
+        super().__init__()
+        self.in_features, self.hidden, self.activation, self.granularity = in_features, hidden, activation, granularity
+        padded = -(-hidden // 16) * 16
+        self.register_buffer("w_packed", torch.ops.glufx.pack_weight(torch.zeros(2 * padded, in_features,
+                                                                                 dtype=torch.int8)))
+        self.register_buffer("w_scale", torch.ones(2 * padded, dtype=torch.float32))
+        self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32) if granularity == "static" else None)
+        self.down_proj = down_proj
+
+    @classmethod
+    @torch.no_grad()
+    def from_int8(cls, gate: Int8Linear, up: Int8Linear, down_proj: nn.Module, activation: str) -> "Int8GLU":
+        m = cls(gate.in_features, gate.out_features, activation, gate.granularity, down_proj)
+        m.w_packed, m.w_scale = pack_glu(gate, up)
+        if gate.granularity == "static":
+            m.x_scale = gate.x_scale.clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> h: [..., hidden] -> [..., K_out]
+        h = torch.ops.glufx.int8_glu_packed(x, self.w_packed, self.w_scale, self.hidden, self.activation,
+                                            self.x_scale, GRANULARITIES[self.granularity])
+        return self.down_proj(h)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, hidden={self.hidden}, activation={self.activation}, " \
+               f"act={self.granularity}"

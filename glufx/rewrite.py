@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .nn import Int8Linear
+from .nn import Int8GLU, Int8Linear
 from .plan import Plan
 
 counters: Counter = Counter()
@@ -64,4 +64,35 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         model.set_submodule(fqn, Int8Linear.from_linear(mod, mp.granularity, mp.x_scale))
         counters["int8_linear"] += 1
         counters[f"int8_linear.{mp.role}"] += 1
+    if plan.config.get("fuse_glu"):
+        fuse_glu_blocks(model, plan)
     return model
+
+
+def glu_fusable(model: nn.Module, plan: Plan, block: dict) -> Optional[str]:
+    """None if the block's module can become an Int8GLU, else why not."""
+    if not block.get("module"):
+        return "its module computes more than the GLU (or gate and up are one fused projection)"
+    g, u = plan.modules.get(block["gate"]), plan.modules.get(block["up"])
+    if g is None or u is None or g.action != "int8" or u.action != "int8":
+        return "gate or up stays in floating point"
+    if (g.granularity, g.x_scale) != (u.granularity, u.x_scale):
+        return "gate and up quantize their shared input differently"
+    gate, up = model.get_submodule(block["gate"]), model.get_submodule(block["up"])
+    if not (isinstance(gate, Int8Linear) and isinstance(up, Int8Linear)) or gate.bias is not None or up.bias is not None:
+        return "gate or up is not a bias-free Int8Linear"
+    return None
+
+
+def fuse_glu_blocks(model: nn.Module, plan: Plan) -> int:
+    """Replace each fusable GLU module by an Int8GLU (one op for gate, up, activation and product)."""
+    n = 0
+    for block in plan.glu_blocks:
+        if glu_fusable(model, plan, block) is not None:
+            counters["glu_not_fused"] += 1
+            continue
+        gate, up = model.get_submodule(block["gate"]), model.get_submodule(block["up"])
+        model.set_submodule(block["module"], Int8GLU.from_int8(gate, up, model.get_submodule(block["down"]), block["act"]))
+        counters["glu_fused"] += 1
+        n += 1
+    return n

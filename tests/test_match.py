@@ -79,3 +79,29 @@ def test_normalize_dynamo_paths():
     assert normalize_fqn("L['self']._modules['model']._modules['layers'][3]") == "model.layers.3"
     assert normalize_fqn("L['args'][0].model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
     assert normalize_fqn("model.layers.1.mlp") == "model.layers.1.mlp"
+
+
+def test_glu_module_found_only_when_it_computes_nothing_else():
+    class MLP(torch.nn.Module):
+        def __init__(self, extra: bool):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 32, bias=False)
+            self.down_proj, self.extra = torch.nn.Linear(32, 16, bias=False), extra
+
+        def forward(self, x):
+            h = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+            y = self.down_proj(h)
+            return y * 0.5 if self.extra else y  # a scaling inside the module: not a plain GLU
+
+    class Net(torch.nn.Module):
+        def __init__(self, extra: bool):
+            super().__init__()
+            self.mlp = MLP(extra)
+
+        def forward(self, x):
+            return self.mlp(x) + x
+
+    for extra, module in ((False, "mlp"), (True, None)):
+        ep = torch.export.export(Net(extra), (torch.randn(2, 3, 16),))
+        (block,) = match_graph(ep.module().graph).glu_blocks
+        assert block.module == module

@@ -66,8 +66,17 @@ struct PackedArgs {
   const int8_t* W;
   const float *sx, *sw, *bias;
   float* Y;    // [M, N]
+  float* Y2;   // GLU: even blocks (gate) go to Y, odd blocks (up) to Y2, both [M, N] with N = hidden
   int64_t M, N, Kp;
 };
+
+// Where block nb of row m lands: its output row pointer at the block's first channel, and how many
+// of its 16 channels exist.
+inline float* block_out(const PackedArgs& p, int64_t m, int64_t nb, int64_t& n_valid) {
+  const int64_t n0 = p.Y2 ? (nb / 2) * kNR : nb * kNR;
+  n_valid = std::max<int64_t>(0, std::min(kNR, p.N - n0));
+  return (p.Y2 && (nb & 1) ? p.Y2 : p.Y) + m * p.N + n0;
+}
 
 void rows_generic(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   const int16_t* A = static_cast<const int16_t*>(p.A);
@@ -75,14 +84,16 @@ void rows_generic(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb0, int6
   int32_t acc[kNR];
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int8_t* wb = p.W + nb * kq_n * kNR * kKQ;
-    const int64_t n0 = nb * kNR, n = std::min(kNR, p.N - n0);
+    const int64_t n0 = nb * kNR;
     for (int64_t m = m0; m < m1; ++m) {
+      int64_t n;
+      float* y = block_out(p, m, nb, n);
       const int16_t* a = A + m * p.Kp;
       std::fill(acc, acc + kNR, 0);
       for (int64_t kq = 0; kq < kq_n; ++kq)
         for (int64_t j = 0; j < kNR; ++j)
           for (int64_t t = 0; t < kKQ; ++t) acc[j] += int32_t(a[kq * kKQ + t]) * wb[(kq * kNR + j) * kKQ + t];
-      dequantize_row(acc, p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, p.Y + m * p.N + n0, n);
+      dequantize_row(acc, p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, n);
     }
   }
 }
@@ -157,12 +168,13 @@ GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb, bool two)
   dot_vnni<MR>(static_cast<const uint8_t*>(p.A) + m0 * p.Kp, p.Kp, w0, two ? w0 + block : w0, p.Kp / kKQ, acc);
   const int64_t n0 = nb * kNR;
   for (int r = 0; r < MR; ++r) {
-    float* y = p.Y + (m0 + r) * p.N;
     const float sx = p.sx[m0 + r];
-    const __m512i r0 = _mm512_load_si512(acc + r * 2 * kNR), r1 = _mm512_load_si512(acc + r * 2 * kNR + kNR);
-    store16(r0, sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y + n0, std::min(kNR, p.N - n0));
-    if (two)
-      store16(r1, sx, p.sw + n0 + kNR, p.bias ? p.bias + n0 + kNR : nullptr, y + n0 + kNR, std::min(kNR, p.N - n0 - kNR));
+    int64_t n;
+    float* y = block_out(p, m0 + r, nb, n);
+    store16(_mm512_load_si512(acc + r * 2 * kNR), sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, n);
+    if (!two) continue;
+    y = block_out(p, m0 + r, nb + 1, n);
+    store16(_mm512_load_si512(acc + r * 2 * kNR + kNR), sx, p.sw + n0 + kNR, p.bias ? p.bias + n0 + kNR : nullptr, y, n);
   }
 }
 
@@ -219,11 +231,11 @@ GLUFX_AVX2 void tile_avx2(const PackedArgs& p, int64_t m0, int64_t nb) {
   }
   for (int r = 0; r < MR; ++r) {
     __m256i lo = fold_pairs(c[r][0], c[r][1]), hi = fold_pairs(c[r][2], c[r][3]);  // channels 0-7, 8-15
-    float* y = p.Y + (m0 + r) * p.N;
     const float sx = p.sx[m0 + r];
-    const int64_t n = std::min(kNR, p.N - n0);
-    store8(lo, sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y + n0, std::min<int64_t>(8, n));
-    store8(hi, sx, p.sw + n0 + 8, p.bias ? p.bias + n0 + 8 : nullptr, y + n0 + 8, n - 8);
+    int64_t n;
+    float* y = block_out(p, m0 + r, nb, n);
+    store8(lo, sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, std::min<int64_t>(8, n));
+    store8(hi, sx, p.sw + n0 + 8, p.bias ? p.bias + n0 + 8 : nullptr, y + 8, n - 8);
   }
 }
 
@@ -264,20 +276,14 @@ void run_blocks(const PackedArgs& p, Path path, int64_t nb0, int64_t nb1) {
 #endif
 }
 
-at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
-                                  int64_t granularity) {
-  check_float(x, "int8_linear_packed");
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 4 && w_packed.size(2) == kNR &&
-                  w_packed.size(3) == kKQ && w_packed.is_contiguous(),
-              "glufx::int8_linear_packed: w_packed must come from glufx::pack_weight");
-  const int64_t N = w_scale.numel(), K = x.size(-1), Kp = w_packed.size(1) * kKQ, NB = w_packed.size(0);
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && NB == (N + kNR - 1) / kNR && Kp == round_up(K, kKQ),
-              "glufx::int8_linear_packed: packed weight [", NB * kNR, ", ", Kp, "] does not fit ", N,
-              " channels of ", K, " features");
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  const int64_t M = x2d.size(0);
-  at::Tensor s_x = row_scales(x2d, rows_per_sequence, granularity, x_scale, "int8_linear_packed");
+// The packed GEMM shared by the linear and the GLU: x2d [M, K] float32 -> Y [M, N] (and, for the
+// GLU, Y2 [M, N] from the odd blocks), activation quantization fused.
+void packed_gemm(const at::Tensor& x2d, int64_t rows_per_sequence, const at::Tensor& w_packed, const at::Tensor& ws,
+                 const at::Tensor& b32, const c10::optional<at::Tensor>& x_scale, int64_t granularity, at::Tensor& out,
+                 at::Tensor* out2, const char* op) {
+  const int64_t M = x2d.size(0), K = x2d.size(1), Kp = w_packed.size(1) * kKQ, NB = w_packed.size(0);
+  const int64_t N = out.size(1);
+  at::Tensor s_x = row_scales(x2d, rows_per_sequence, granularity, x_scale, op);
   const Path path = choose_path();
 
   // Quantize straight into the kernel's operand type, K padded with zeros.
@@ -300,12 +306,9 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
       }
     });
   }
-  at::Tensor out = at::empty({M, N}, x2d.options());
-  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor ws = w_scale.contiguous();
   PackedArgs args{aq.data_ptr(), w_packed.data_ptr<int8_t>(), s_x.data_ptr<float>(), ws.data_ptr<float>(),
                   b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-                  M, N, Kp};
+                  out2 ? out2->data_ptr<float>() : nullptr, M, N, Kp};
   if (M > 0 && N > 0) {
     // Threads split output-channel blocks (pairs of 16): each streams its own slice of the weight.
     const int64_t pairs = (NB + 1) / 2;
@@ -314,7 +317,55 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
       run_blocks(args, path, pb * 2, std::min(NB, pe * 2));
     });
   }
+}
+
+void check_packed(const at::Tensor& w_packed, const char* op) {
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 4 && w_packed.size(2) == kNR &&
+                  w_packed.size(3) == kKQ && w_packed.is_contiguous(),
+              "glufx::", op, ": w_packed must come from glufx::pack_weight");
+}
+
+at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
+                                  int64_t granularity) {
+  check_float(x, "int8_linear_packed");
+  check_packed(w_packed, "int8_linear_packed");
+  const int64_t N = w_scale.numel(), K = x.size(-1), Kp = w_packed.size(1) * kKQ, NB = w_packed.size(0);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && NB == (N + kNR - 1) / kNR && Kp == round_up(K, kKQ),
+              "glufx::int8_linear_packed: packed weight [", NB * kNR, ", ", Kp, "] does not fit ", N,
+              " channels of ", K, " features");
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
+  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr,
+              "int8_linear_packed");
   return to_output(out, x, N);
+}
+
+// gate and up in one pass over one quantized x (their 16-channel blocks interleave in w_packed), then
+// act(gate) * up by ATen's kernels in x's dtype: the same bits as the two linears and the model's own
+// activation and product, so fusing changes no result.
+at::Tensor int8_glu_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale, int64_t hidden,
+                               c10::string_view activation, const c10::optional<at::Tensor>& x_scale,
+                               int64_t granularity) {
+  check_float(x, "int8_glu_packed");
+  check_packed(w_packed, "int8_glu_packed");
+  const int64_t K = x.size(-1), Kp = w_packed.size(1) * kKQ, NB = w_packed.size(0);
+  TORCH_CHECK(hidden > 0 && NB == 2 * ((hidden + kNR - 1) / kNR) && w_scale.scalar_type() == at::kFloat &&
+                  w_scale.numel() == NB * kNR && Kp == round_up(K, kKQ),
+              "glufx::int8_glu_packed: packed weight [", NB * kNR, ", ", Kp, "] is not gate and up of ", hidden,
+              " channels over ", K, " features (pack them with glufx.nn.pack_glu)");
+  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh",
+              "glufx::int8_glu_packed: activation must be silu, gelu or gelu_tanh, got ", activation);
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
+  at::Tensor up = at::empty_like(gate);
+  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, granularity, gate, &up,
+              "int8_glu_packed");
+  gate = to_output(gate, x, hidden);
+  up = to_output(up, x, hidden);
+  if (activation == "silu") return at::silu(gate).mul_(up);
+  return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
 }
 
 }  // namespace
@@ -323,6 +374,7 @@ TORCH_LIBRARY_IMPL(glufx, CPU, m) {
   m.impl("pack_weight", &pack_weight_cpu);
   m.impl("unpack_weight", &unpack_weight_cpu);
   m.impl("int8_linear_packed", &int8_linear_packed_cpu);
+  m.impl("int8_glu_packed", &int8_glu_packed_cpu);
 }
 
 }  // namespace glufx

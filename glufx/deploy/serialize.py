@@ -12,6 +12,7 @@ from torch import nn
 
 from ..nn import Int8Linear
 from ..plan import Plan
+from ..rewrite import fuse_glu_blocks
 from ..prefix import PrefixedLM, PrefixKV
 
 PLAN_FILE, WEIGHTS_FILE, PREFIX_FILE = "glufx_plan.json", "model.safetensors", "prefix.safetensors"
@@ -52,6 +53,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
             old = model.get_submodule(fqn)
             model.set_submodule(fqn, Int8Linear(mp.in_features, mp.out_features, old.bias is not None, mp.granularity,
                                                 old.weight.dtype))
+    if plan.config.get("fuse_glu"):
+        fuse_glu_blocks(model, plan)  # the Int8GLU skeletons whose buffers the file holds
     load_model(model, str(path / WEIGHTS_FILE), strict=True)
     if (path / PREFIX_FILE).exists():
         model = PrefixedLM(model, PrefixKV.load(path / PREFIX_FILE))

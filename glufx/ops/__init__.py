@@ -87,3 +87,8 @@ def _(w_packed, N, K):
 @torch.library.register_fake("glufx::int8_linear_packed")
 def _(x, w_packed, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
     return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+
+
+@torch.library.register_fake("glufx::int8_glu_packed")
+def _(x, w_packed, w_scale, hidden, activation, x_scale=None, granularity=PER_SEQUENCE):
+    return x.new_empty((*x.shape[:-1], hidden))

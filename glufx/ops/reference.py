@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .schema import PACK_KQ, PACK_NR, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC
 
@@ -100,3 +101,16 @@ def int8_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
                        granularity: int = PER_SEQUENCE) -> torch.Tensor:
     w_q = unpack_weight(w_packed, w_scale.numel(), x.shape[-1])
     return int8_linear(x, w_q, w_scale, bias, x_scale, granularity)
+
+
+def int8_glu_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, hidden: int, activation: str,
+                    x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
+    # w_packed: gate and up 16-channel blocks interleaved -> [hidden_padded / 16, 2, 16, K]
+    K = x.shape[-1]
+    w = unpack_weight(w_packed, w_scale.numel(), K).view(-1, 2, 16, K)
+    s = w_scale.view(-1, 2, 16)
+    gate = int8_linear(x, w[:, 0].reshape(-1, K)[:hidden], s[:, 0].reshape(-1)[:hidden], None, x_scale, granularity)
+    up = int8_linear(x, w[:, 1].reshape(-1, K)[:hidden], s[:, 1].reshape(-1)[:hidden], None, x_scale, granularity)
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up

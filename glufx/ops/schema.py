@@ -20,6 +20,9 @@ SCHEMAS = {
     "unpack_weight": "unpack_weight(Tensor w_packed, int N, int K) -> Tensor",
     "int8_linear_packed": "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, "
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
+    "int8_glu_packed": "int8_glu_packed(Tensor x, Tensor w_packed, Tensor w_scale, int hidden, str activation, "
+    "Tensor? x_scale=None, int granularity=0) -> Tensor",
 }
+GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 PACK_NR, PACK_KQ = 16, 4  # output channels per packed block, input channels per group (csrc/cpu/packed_linear.cpp)
