@@ -151,7 +151,8 @@ def test_generic_module_with_example_inputs():
         ref = m(examples[0])
     glufx.compile(m, examples, GlufxConfig(progress=False, heldout_samples=2, min_score=1.0))
     blocks = m.glufx_plan.glu_blocks
-    assert blocks == [{"gate": "w1", "up": "w3", "down": "w2", "act": "gelu_tanh", "fused": False, "moe": False}]
+    assert blocks == [{"gate": "w1", "up": "w3", "down": "w2", "act": "gelu_tanh", "fused": False, "moe": False,
+                      "module": None}]  # the root also norms and adds the residual: not fusable
     with torch.no_grad():
         assert sqnr(ref, m(examples[0])) > 25
 
