@@ -8,7 +8,7 @@ fully Inductor-generated program's logits differ from eager's by 6.8 on a logit 
 18 layers, with an equally good perplexity: another valid W8A8 result, not the same one.
 
 So in `exact` mode the ops whose generated code is not bit-identical to ATen are neither
-decomposed nor generated: Inductor calls their ATen kernels (fallback kernels) and still fuses the
+decomposed nor lowered: Inductor calls their ATen kernels (implicit fallbacks) and still fuses the
 IEEE-exact elementwise arithmetic around them (+, -, *, / on CPU, comparisons, copies, views),
 and its algebraic pattern rewrites are off. Measured: Gemma 3 270M logits equal eager's bit for bit
 (tests/deploy). The lowering and decomposition tables are module-level dicts of
@@ -41,7 +41,7 @@ EAGER_FLOAT_OPS = tuple(
         "sigmoid", "silu", "gelu", "mish", "softplus", "elu", "erf", "erfc", "erfinv", "logit",
     ) if hasattr(aten, name)
 )
-_VERSION = "2"  # bump when EAGER_FLOAT_OPS or the config below changes: it keys Inductor's caches
+_VERSION = "4"  # bump when EAGER_FLOAT_OPS or the config below changes: it keys Inductor's caches
 _lock = threading.Lock()
 
 
@@ -49,19 +49,16 @@ def _packet(op: Any) -> Any:
     return getattr(op, "overloadpacket", None)
 
 
-def _overloads(packet: Any) -> list:
-    return [getattr(packet, name) for name in packet.overloads()]
-
-
 @contextlib.contextmanager
 def eager_float_ops(ops: Sequence[Any] = EAGER_FLOAT_OPS) -> Iterator[None]:
-    """Within the block, Inductor neither decomposes nor generates code for `ops`: each lowers to a
-    call of its ATen kernel (the fallback Inductor itself uses for ops it has no lowering for)."""
+    """Within the block, Inductor neither decomposes nor lowers `ops`: they run as ATen kernels."""
     from torch._inductor import decomposition, lowering
 
     packets = set(ops)
-    overloads = [o for p in packets for o in _overloads(p)]
-    tables = {id(t): t for t in (decomposition.decompositions, decomposition.select_decomp_table())}.values()
+    # torch._decomp's own table too: Inductor's implicit fallback asserts (under CI=1) that no
+    # decomposition exists for an op it falls back on
+    tables = {id(t): t for t in (lowering.lowerings, decomposition.decompositions, decomposition.select_decomp_table(),
+                                 torch._decomp.decomposition_table)}.values()
     with _lock:
         removed = []
         for table in tables:
@@ -69,22 +66,9 @@ def eager_float_ops(ops: Sequence[Any] = EAGER_FLOAT_OPS) -> Iterator[None]:
             for k in hits:
                 del table[k]
             removed.append((table, hits))
-        saved_lowerings = {o: lowering.lowerings[o] for o in overloads if o in lowering.lowerings}
-        saved_realized = set(lowering.needs_realized_inputs)
-        for o in overloads:
-            # what lowering.make_fallback registers, without adding to its global fallback set
-            lowering.needs_realized_inputs.add(o)
-            lowering.lowerings[o] = lowering.fallback_handler(o, add_to_fallback_set=False)
         try:
             yield
         finally:
-            for o in overloads:
-                if o in saved_lowerings:
-                    lowering.lowerings[o] = saved_lowerings[o]
-                else:
-                    lowering.lowerings.pop(o, None)
-            lowering.needs_realized_inputs.clear()
-            lowering.needs_realized_inputs.update(saved_realized)
             for table, hits in removed:
                 table.update(hits)
 
