@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.glufx)
-from .ops.schema import GRANULARITIES
+from .ops.schema import GRANULARITIES, PACK_NR
 
 SUPPORTED_DEVICES = ("cpu",)
 
@@ -65,14 +65,18 @@ class Int8Linear(nn.Module):
                f"act={self.granularity}"
 
 
+def _padded(channels: int) -> int:
+    return -(-channels // PACK_NR) * PACK_NR
+
+
 def pack_glu(gate: Int8Linear, up: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """gate's and up's INT8 weights as one packed weight whose 16-channel blocks alternate gate, up
     (the layout glufx::int8_glu_packed reads: one kernel tile yields a gate block and its up block)."""
     hidden, K = gate.out_features, gate.in_features
-    padded = -(-hidden // 16) * 16
+    padded = _padded(hidden)
 
     def blocks(w_q: torch.Tensor, fill: float) -> torch.Tensor:
-        return torch.nn.functional.pad(w_q, (0, 0, 0, padded - hidden), value=fill).view(padded // 16, 16, -1)
+        return torch.nn.functional.pad(w_q, (0, 0, 0, padded - hidden), value=fill).view(padded // PACK_NR, PACK_NR, -1)
 
     w = torch.stack([blocks(gate.w_q, 0), blocks(up.w_q, 0)], dim=1).reshape(2 * padded, K)
     s = torch.stack([blocks(gate.w_scale[:, None], 1.0), blocks(up.w_scale[:, None], 1.0)], dim=1).reshape(-1)
@@ -88,7 +92,7 @@ class Int8GLU(nn.Module):
     def __init__(self, in_features: int, hidden: int, activation: str, granularity: str, down_proj: nn.Module):
         super().__init__()
         self.in_features, self.hidden, self.activation, self.granularity = in_features, hidden, activation, granularity
-        padded = -(-hidden // 16) * 16
+        padded = _padded(hidden)
         self.register_buffer("w_packed", torch.ops.glufx.pack_weight(torch.zeros(2 * padded, in_features,
                                                                                  dtype=torch.int8)))
         self.register_buffer("w_scale", torch.ones(2 * padded, dtype=torch.float32))

@@ -124,7 +124,6 @@ void check_float(const at::Tensor& x, const char* op) {
               "; cast the model with model.float() or model.to(torch.bfloat16)");
 }
 
-// Per-row scales [M] of x2d [M, K] (float32, contiguous) for the given granularity.
 #ifdef GLUFX_X86
 // max |x[k]| over the first K - K % 8 values into amax, finite &= every one of them is finite;
 // returns how many it covered. max is exact, so any order gives the scalar loop's result.
@@ -145,6 +144,7 @@ __attribute__((target("avx2"))) int64_t absmax_avx2(const float* x, int64_t K, f
 }
 #endif
 
+// Per-row scales [M] of x2d [M, K] (float32, contiguous) for the given granularity.
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op) {
   const int64_t M = x2d.size(0), K = x2d.size(1);

@@ -5,8 +5,8 @@ PyTorch's global configuration at import. The backend runs glufx's matcher on th
 (torch-IR spelling; weights arrive as placeholders whose real tensors are in `example_inputs`),
 rewrites every linear the plan quantizes into `torch.ops.glufx.int8_linear_packed` with the packed
 weight as a graph constant, and hands the graph to Inductor, which keeps the glufx op as an extern
-call and (by default) eager's float math around it (deploy/inductor.py). Quantized weights are cached by FQN and weight version, so recompiles (new shapes, guards)
-reuse them.
+call and (by default) eager's float math around it (deploy/inductor.py). Quantized weights are
+cached per live weight tensor (and its FQN and version), so recompiles (new shapes, guards) reuse them.
 """
 from __future__ import annotations
 

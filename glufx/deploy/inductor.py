@@ -12,8 +12,8 @@ decomposed nor lowered: Inductor calls their ATen kernels (implicit fallbacks) a
 IEEE-exact elementwise arithmetic around them (+, -, *, / on CPU, comparisons, copies, views),
 and its algebraic pattern rewrites are off. Measured: Gemma 3 270M logits equal eager's bit for bit
 (tests/deploy). The lowering and decomposition tables are module-level dicts of
-`torch._inductor`; they are edited only for the duration of one compile, under a lock, and
-restored: importing glufx changes nothing.
+`torch._inductor` and `torch._decomp`; they are edited only for the duration of one compile, under
+a lock, and restored: importing glufx changes nothing.
 """
 from __future__ import annotations
 

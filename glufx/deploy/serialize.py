@@ -12,8 +12,8 @@ from torch import nn
 
 from ..nn import Int8Linear
 from ..plan import Plan
-from ..rewrite import fuse_glu_blocks
 from ..prefix import PrefixedLM, PrefixKV
+from ..rewrite import fuse_glu_blocks
 
 PLAN_FILE, WEIGHTS_FILE, PREFIX_FILE = "glufx_plan.json", "model.safetensors", "prefix.safetensors"
 

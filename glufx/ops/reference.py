@@ -107,8 +107,8 @@ def int8_glu_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tens
                     x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
     # w_packed: gate and up 16-channel blocks interleaved -> [hidden_padded / 16, 2, 16, K]
     K = x.shape[-1]
-    w = unpack_weight(w_packed, w_scale.numel(), K).view(-1, 2, 16, K)
-    s = w_scale.view(-1, 2, 16)
+    w = unpack_weight(w_packed, w_scale.numel(), K).view(-1, 2, PACK_NR, K)
+    s = w_scale.view(-1, 2, PACK_NR)
     gate = int8_linear(x, w[:, 0].reshape(-1, K)[:hidden], s[:, 0].reshape(-1)[:hidden], None, x_scale, granularity)
     up = int8_linear(x, w[:, 1].reshape(-1, K)[:hidden], s[:, 1].reshape(-1)[:hidden], None, x_scale, granularity)
     if activation == "silu":

@@ -23,6 +23,5 @@ SCHEMAS = {
     "int8_glu_packed": "int8_glu_packed(Tensor x, Tensor w_packed, Tensor w_scale, int hidden, str activation, "
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
 }
-GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 PACK_NR, PACK_KQ = 16, 4  # output channels per packed block, input channels per group (csrc/cpu/packed_linear.cpp)
