@@ -30,5 +30,16 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
+def dependencies(native: bool) -> list[str]:
+    """A C++ extension links one libtorch: pin the torch it was built against (local build tag dropped).
+    Without the extension (GLUFX_SKIP_NATIVE=1) any torch of the supported range works."""
+    torch_req = "torch>=2.13,<2.15"
+    if native:
+        import torch
+
+        torch_req = f"torch=={torch.__version__.split('+')[0]}"
+    return [torch_req, "transformers>=5.0", "torchao>=0.18", "numpy", "safetensors", "tqdm"]
+
+
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp311"}} if ext_modules else {})
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=dependencies(bool(ext_modules)), options={"bdist_wheel": {"py_limited_api": "cp311"}} if ext_modules else {})

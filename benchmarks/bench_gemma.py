@@ -20,16 +20,22 @@ def models():
     cfg = glufx.GlufxConfig(num_samples=8, qfem="budget", quantize_lm_head=True, progress=False)
     from importlib.resources import files
 
-    plan = glufx.calibrate(model, str(files("glufx") / "data" / "calib_openwebtext.jsonl"), cfg, tokenizer=tok)
+    plan = glufx.calibrate(model, str(files("glufx") / "resources" / "calib_openwebtext.jsonl"), cfg, tokenizer=tok)
     fused = glufx.Plan.from_dict({**plan.to_dict(), "config": {**plan.config, "fuse_glu": True}})
+    # the same quantized model with a 3-token QFeP prefix in front: |P| extra KV entries per layer,
+    # (T + |P|) / T of the attention work, no extra GEMM (docs/method.md §4)
+    prefixed = glufx.Plan.from_dict({**plan.to_dict(), "qfep": {"method": "fixed", "token_ids": [2, 108, 236761]}})
     return {"fp32": model, "glufx": glufx.compile(copy.deepcopy(model), plan=plan),
-            "glufx_fused_glu": glufx.compile(copy.deepcopy(model), plan=fused)}, tok
+            "glufx_fused_glu": glufx.compile(copy.deepcopy(model), plan=fused),
+            "glufx_qfep": glufx.compile(copy.deepcopy(model), plan=prefixed)}, tok
 
 
-@pytest.mark.parametrize("impl", ["fp32", "glufx", "glufx_fused_glu"])
+@pytest.mark.parametrize("impl", ["fp32", "glufx", "glufx_fused_glu", "glufx_qfep"])
 def test_prefill_512(benchmark, models, impl):
     m = models[0][impl]
     ids = torch.randint(3, 200000, (1, 512))
+    if impl == "glufx_qfep":
+        ids[:, 0] = 5  # not BOS: the prefix holds BOS, so all 512 tokens are the user's
     benchmark.group = "gemma3-270m prefill 512"
     with torch.no_grad():
         benchmark.pedantic(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1), rounds=5, warmup_rounds=1)

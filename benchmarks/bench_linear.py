@@ -4,7 +4,11 @@
     python -m pytest benchmarks/bench_linear.py -q -k "2048x640"
 
 glufx runs with per-token dynamic activations (the finest granularity its plans use; per-sequence
-and static skip the per-row reduction and are at least as fast).
+and static skip the per-row reduction and are at least as fast). Baselines, each run the way its
+authors recommend: FP32 F.linear and numpy/OpenBLAS; fbgemm's dynamic quantized Linear; torchao's
+Int8DynamicActivationInt8WeightConfig under torch.compile; PT2E with X86InductorQuantizer (static
+W8A8) compiled with Inductor freezing (oneDNN). `-k "not pt2e and not torchao"` skips the compiled
+baselines (each compiles once per case).
 """
 import pytest
 import torch
@@ -16,10 +20,40 @@ from glufx.ops import PER_TOKEN
 SHAPES = [(640, 2048), (2048, 640), (896, 4864), (4864, 896), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 512]
 THREADS = [1, 2]
-IMPLS = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "glufx"]
+IMPLS = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx"]
 
 
-def _make(impl: str, w: torch.Tensor):
+def _torchao_compiled(lin: torch.nn.Linear):
+    """torchao as its README recommends: quantize_ (which sets its Inductor options), then torch.compile."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(lin, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(lin)
+
+
+def _pt2e_x86(lin: torch.nn.Linear, x: torch.Tensor):
+    """PyTorch's static INT8 CPU path as documented: torch.export, X86InductorQuantizer (static per-tensor
+    activations, per-channel weights), calibrate, convert, then torch.compile with Inductor freezing
+    (oneDNN kernels)."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError:  # older torch kept PT2E under torch.ao
+        from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torch.ao.quantization.quantizer import x86_inductor_quantizer as xiq
+
+    m = torch.export.export(torch.nn.Sequential(lin).eval(), (x,)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    m = prepare_pt2e(m, quantizer)
+    m(x)
+    m = convert_pt2e(m)
+    with torch._inductor.config.patch(freezing=True):
+        compiled = torch.compile(m)
+        compiled(x)  # compile under freezing
+    return compiled
+
+
+def _make(impl: str, w: torch.Tensor, x: torch.Tensor):
     N, K = w.shape
     if impl == "fp32_linear":
         return lambda x: torch.nn.functional.linear(x, w)
@@ -36,11 +70,14 @@ def _make(impl: str, w: torch.Tensor):
 
         lin = torch.nn.Linear(K, N, bias=False)
         lin.weight.data.copy_(w)
-        quantize_(lin, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-        return lin
+        return _torchao_compiled(lin)
+    if impl == "pt2e_x86":
+        lin = torch.nn.Linear(K, N, bias=False)
+        lin.weight.data.copy_(w)
+        return _pt2e_x86(lin, x)
+    # what an Int8Linear runs: canonical INT8 weight, packed once on first use (prepared form)
     w_q, w_s = torch.ops.glufx.quantize_weight(w)
-    packed = torch.ops.glufx.pack_weight(w_q)
-    return lambda x: torch.ops.glufx.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN)
+    return lambda x: torch.ops.glufx.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -52,7 +89,8 @@ def test_linear(benchmark, impl, shape, M, threads):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) / K ** 0.5
     x = torch.randn(M, K, generator=g)
-    fn = _make(impl, w)
+    with torch.no_grad():
+        fn = _make(impl, w, x)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -13,9 +13,15 @@ TORCH_LIBRARY(glufx, m) {
   m.def("quantize_weight(Tensor w) -> (Tensor, Tensor)");
   m.def("quantize_activation(Tensor x, int granularity, Tensor? x_scale=None) -> (Tensor, Tensor)");
   m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  // The canonical ops: INT8 weights [N, K] as saved and exported; the CPU kernels prepare (pack)
+  // them on first use and cache the packed form (csrc/cpu/packed_linear.cpp).
   m.def(
       "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
       "int granularity=0) -> Tensor");
+  m.def(
+      "int8_glu(Tensor x, Tensor w_gate, Tensor s_gate, Tensor w_up, Tensor s_up, str activation, "
+      "Tensor? x_scale=None, int granularity=0) -> Tensor");
+  // The kernel layout, explicit (benchmarks, and callers that manage their own packing).
   m.def("pack_weight(Tensor w_q) -> Tensor");
   m.def("unpack_weight(Tensor w_packed, int N, int K) -> Tensor");
   m.def(

@@ -1,17 +1,22 @@
-"""glufx: W8A8 quantization of GLU language models that survives their activation spikes (QFeM).
+"""glufx: W8A8 quantization of GLU language models that survives their activation spikes (QFeM, QFeP).
 
-    model = glufx.compile(model, calib_data, tokenizer=tok)     # calibrate, decide, rewrite
+    model = glufx.compile(model, calib_data, tokenizer=tok)     # calibrate, decide, lower
     plan = glufx.calibrate(model, calib_data, tokenizer=tok)    # inspect first; glufx.compile(model, plan=plan)
 """
 from . import ops  # noqa: F401  (registers torch.ops.glufx before anything loads a program using them)
 from .api import NoGLUError, calibrate, check_model, compile, prefixed
 from .config import GlufxConfig
-from .deploy import aoti_package, export, load, save
+from .deploy import aoti_package, export, load, save, to_torchao
+from .lower import PlanMismatchError, counters, lower
 from .nn import Int8GLU, Int8Linear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
-from .rewrite import apply_plan, counters
+from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe, Recipe, Stage,
+                     Transform)
+from .stats import Statistics
 
-__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "apply_plan", "counters",
-           "check_model", "NoGLUError", "CalibrationError", "prefixed", "export", "aoti_package", "save", "load"]
-__version__ = "0.1.0"
+__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "lower", "counters",
+           "check_model", "NoGLUError", "CalibrationError", "PlanMismatchError", "prefixed", "export", "aoti_package",
+           "save", "load", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
+           "DecideScales", "DecideQFeM", "Statistics"]
+__version__ = "0.2.0"

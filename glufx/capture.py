@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from .data import is_causal_lm
+from .calibdata import is_causal_lm
 
 
 def _dynamic(value: Any):

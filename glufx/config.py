@@ -17,7 +17,7 @@ class GlufxConfig:
     # activation quantization: per_sequence (the paper's per-tensor dynamic, per batch row),
     # per_token, static (calibrated per-tensor scale) or per_tensor (one scale per call)
     granularity: str = "per_sequence"
-    # calibration (SPEC §3: N sequences of L tokens, BOS first)
+    # calibration (docs/method.md §3: N sequences of L tokens, BOS first)
     num_samples: int = 32
     seq_len: int = 512
     batch_size: int = 4
@@ -37,6 +37,10 @@ class GlufxConfig:
     # same outputs as unfused, one activation quantization and one pass over both weights)
     fuse_glu: bool = False
     require_glu: bool = True  # refuse models without a GLU block (glufx's method targets them)
+    # FP-equivalent transform before quantization: "identity" (none) or "smooth_up_down" (SmoothQuant
+    # scaling at every GLU's up -> down seam, exponent smooth_alpha)
+    transform: str = "identity"
+    smooth_alpha: float = 0.5
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -51,6 +55,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.qfep={self.qfep!r}; choose one of {QFEP_METHODS}")
         if self.qfem == "alpha" and (self.alpha is None or self.alpha <= 0):
             raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
+        if self.transform not in ("identity", "smooth_up_down"):
+            raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose 'identity' or 'smooth_up_down'")
         if self.alpha is not None and self.qfem == "auto":
             self.qfem = "alpha"
         for name in ("num_samples", "seq_len", "batch_size", "max_search_steps"):
@@ -62,6 +68,20 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.max_fp_param_share must lie in [0, 1], got {self.max_fp_param_share}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"GlufxConfig.tolerance must lie in [0, 1), got {self.tolerance}")
+
+    def recipe(self):
+        """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
+        from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe, Recipe,
+                             Transform)
+
+        stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha)]
+        if self.qfep != "off":
+            stages.append(DecideQFeP(self.qfep))
+        stages += [DecideGranularity(self.granularity), DecideScales(),
+                   DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
+                              tolerance=self.tolerance, max_search_steps=self.max_search_steps,
+                              min_score=self.min_score)]
+        return Recipe(stages)
 
     def to_dict(self) -> dict:
         return asdict(self)

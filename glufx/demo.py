@@ -21,7 +21,7 @@ import glufx
 from glufx.eval import perplexity, wikitext2_windows
 from glufx.models import load_gemma3_270m
 
-DATA = files("glufx") / "data"
+DATA = files("glufx") / "resources"
 
 
 def main(argv=None) -> dict:

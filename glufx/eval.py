@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §5): perplexity on non-overlapping windows of a tokenized text, BOS first."""
+"""Evaluation (docs/method.md §5): perplexity on non-overlapping windows of a tokenized text, BOS first."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import adds_bos
+from .calibdata import adds_bos
 
 
 def perplexity_windows(text: str, tokenizer, seq_len: int, n_windows: Optional[int] = None) -> torch.Tensor:
@@ -31,7 +31,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 
     A QFeP model (PrefixedLM) replaces BOS by its prefix: it gets the window without BOS and produces
     no prediction for position 1, so tables that compare it use first_scored=2 for every row, keeping
-    the denominators identical across methods (SPEC §5).
+    the denominators identical across methods (docs/method.md §5).
     """
     from .prefix import PrefixedLM
 

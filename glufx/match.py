@@ -58,6 +58,7 @@ class GLUBlock:
     fused: bool = False
     moe: bool = False
     module: Optional[str] = None  # the module whose forward is exactly down(act(gate(x)) * up(x)), if one is
+    mul_node: Optional[str] = None  # the product's graph node (graph-local: not part of a plan)
 
 
 @dataclass
@@ -85,15 +86,17 @@ class MatchResult:
 
 
 _DYNAMO_INDEX = re.compile(r"\[(\d+)\]")
+_DYNAMO_MODULES = re.compile(r"(?:^|\.)_modules\[['\"]([^'\"]+)['\"]\]")
 _DYNAMO_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 
 
 def normalize_fqn(path: str) -> str:
     """`L['self'].model.layers[0].mlp._modules['up']` (or `L['args'][0]...`) -> `model.layers.0.mlp.up`."""
     # the root module is `self` when a method is compiled, `args[0]` when the module call is
-    path = re.sub(r"^L\[['\"](self|args)['\"]\](\[0\])?\.?", "", path)
+    path = re.sub(r"^L\[['\"](self|args|fn)['\"]\](\[0\])?\.?", "", path)
     path = re.sub(r"^L__self__\.?", "", path)
-    path = path.replace("._modules", "").replace("_modules", "")
+    # only dynamo's `._modules['x']` accessor, never `_modules` inside a module's own name
+    path = _DYNAMO_MODULES.sub(r".\1", path)
     path = _DYNAMO_KEY.sub(r".\1", path)
     path = _DYNAMO_INDEX.sub(r".\1", path)
     return path.strip(".").replace("..", ".")
@@ -257,7 +260,8 @@ def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, s
                 continue
             down = projs[downs[0].name][0]
             moe = gp.kind == "experts"
-            block = GLUBlock(gate=gp.fqn, up=upp.fqn, down=down.fqn, act=act[0], fused=fused, moe=moe)
+            block = GLUBlock(gate=gp.fqn, up=upp.fqn, down=down.fqn, act=act[0], fused=fused, moe=moe,
+                             mul_node=node.name)
             if not (fused or moe):
                 block.module = _plain_glu_module(graph, block, strip_root, allowed={node, strip(node.args[act_side])})
             result.glu_blocks.append(block)

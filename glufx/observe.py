@@ -6,7 +6,7 @@ max, per-channel absmax, and the largest token absmaxes with their token id and 
 O(sequences + channels) per input, independent of the number of tokens. Padding never enters.
 
 The observers are plain Python call_function nodes: they run when the captured GraphModule runs
-eagerly, which is how calibration runs (NOTES-capture.md: under torch.compile such a node would
+eagerly, which is how calibration runs (docs/design.md: under torch.compile such a node would
 record only once, on fake tensors).
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from .data import CalibrationSet
+from .calibdata import CalibrationSet
 from .match import MatchResult
 
 TOP_K = 16
-SEQ_TOP = 3  # per-sequence top positions kept for QFeP's candidate search (SPEC §4.2)
+SEQ_TOP = 3  # per-sequence top positions kept for QFeP's candidate search (docs/method.md §4)
 OUTLIER_ETA = 64.0  # PrefixQuant: a token is an outlier when a[t] > eta * median_t a
 
 
@@ -52,7 +52,7 @@ class InputStats:
 
     @property
     def score(self) -> float:
-        """SPEC §3: r = mean over sequences of max_t a[t] / median_t a[t]."""
+        """docs/method.md §3: r = mean over sequences of max_t a[t] / median_t a[t]."""
         r = self.ratios
         return sum(r) / len(r) if r else 0.0
 

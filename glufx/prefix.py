@@ -1,6 +1,6 @@
 """QFeP injection: the prefix's full-precision KV cache in front of every call of a causal LM.
 
-Route (NOTES-capture.md): a wrapper that, on each call, builds a fresh `DynamicCache` from the stored
+Route (docs/design.md, "QFeP injection"): a wrapper that, on each call, builds a fresh `DynamicCache` from the stored
 per-layer prefix K/V (expanded to the batch) and calls the model with `cache=`. It reuses the model's
 own concatenation, position, mask and sliding-window logic, so it is exact for every family
 (GQA, sliding layers, q/k-norm) and traces under torch.export and torch.compile unchanged. The graph

@@ -30,6 +30,9 @@ def _configs():
     }
 
 
+# The calibration settings every tiny-model test uses (small, fast, QFeM search with room to exclude).
+CFG = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4, max_fp_param_share=0.25)
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral"]
 
 

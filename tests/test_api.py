@@ -121,8 +121,9 @@ def test_strings_and_file_calibration(tmp_path):
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     texts = ["the quick brown fox. jumps over\nthe lazy dog." * 3, "hello world.\n" * 5, "abc" * 40, "z"]
-    plan = glufx.calibrate(tiny_model("llama"), texts, GlufxConfig(**{**FAST, "qfem": "off"}), tokenizer=tok)
-    assert plan.calibration["sequences"] == 4 and plan.calibration["bos_token_id"] == 1
+    with pytest.warns(UserWarning, match="1 of 4 calibration sequences have fewer than 4 tokens"):
+        plan = glufx.calibrate(tiny_model("llama"), texts, GlufxConfig(**{**FAST, "qfem": "off"}), tokenizer=tok)
+    assert plan.calibration["sequences"] == 3 and plan.calibration["bos_token_id"] == 1  # "z" left out
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps({"text": t}) for t in texts * 10))
     plan = glufx.calibrate(tiny_model("llama"), f, GlufxConfig(**{**FAST, "qfem": "off"}), tokenizer=tok)

@@ -117,7 +117,7 @@ def test_native_kernels_reproduce_the_reference_perplexity(results, monkeypatch)
     native = perplexity(quant, windows, progress=False)
 
     def reference_forward(self, x):
-        return reference.int8_linear_packed(x, self.w_packed, self.w_scale, self.bias, self.x_scale,
+        return reference.int8_linear(x, self.w_q, self.w_scale, self.bias, self.x_scale,
                                             GRANULARITIES[self.granularity])
 
     monkeypatch.setattr(glufx.Int8Linear, "forward", reference_forward)

@@ -105,3 +105,11 @@ def test_glu_module_found_only_when_it_computes_nothing_else():
         ep = torch.export.export(Net(extra), (torch.randn(2, 3, 16),))
         (block,) = match_graph(ep.module().graph).glu_blocks
         assert block.module == module
+
+
+def test_normalize_fqn_keeps_modules_in_names():
+    """Only dynamo's `._modules['x']` accessor is rewritten, never `_modules` inside a module's name."""
+    assert normalize_fqn("L['self'].model.adapter_modules[0].up_proj") == "model.adapter_modules.0.up_proj"
+    assert normalize_fqn("L['self'].model.layers[0].mlp._modules['up']") == "model.layers.0.mlp.up"
+    assert normalize_fqn("L['self']._modules['model'].layers[1]") == "model.layers.1"
+    assert normalize_fqn("L['fn']._modules['0']") == "0"  # torch.compile(module) names the root `fn`

@@ -10,7 +10,7 @@ import glufx
 from glufx.deploy import export
 from glufx.prefix import PrefixedLM, PrefixKV, compute_prefix_kv
 
-from conftest import tiny_model
+from conftest import CFG, tiny_model
 
 PREFIX = [1, 17, 5]
 
@@ -71,7 +71,6 @@ def test_prefix_kv_roundtrip(tmp_path):
     assert back.token_ids == PREFIX and all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, back.keys + back.values))
 
 
-CFG = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4, max_fp_param_share=0.25)
 
 
 @pytest.mark.parametrize("method", ["paper", "prefixquant"])
@@ -99,7 +98,7 @@ def test_qfep_without_bos(calib_ids):
     ids = calib_ids[:, 1:]
     plan = glufx.calibrate(model, ids, glufx.GlufxConfig(**CFG, qfep="paper"))
     assert plan.calibration["bos_token_id"] == 1  # config BOS, as no tokenizer says otherwise
-    from glufx.data import CalibrationSet, pad_batches
+    from glufx.calibdata import CalibrationSet, pad_batches
     from glufx.decide.qfep import search_paper
     from glufx.observe import InputStats
 

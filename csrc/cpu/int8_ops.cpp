@@ -299,51 +299,12 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
-                           int64_t granularity) {
-  check_float(x, "int8_linear");
-  TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2,
-              "glufx::int8_linear: w_q must be a 2-D int8 [N, K] weight (glufx::quantize_weight makes one)");
-  const int64_t N = w_q.size(0), K = w_q.size(1);
-  TORCH_CHECK(x.size(-1) == K, "glufx::int8_linear: input has ", x.size(-1), " features, weight expects ", K);
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == N,
-              "glufx::int8_linear: w_scale must be float32 with one scale per output channel (", N, ")");
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  const int64_t M = x2d.size(0);
-  at::Tensor s_x = row_scales(x2d, rows_per_sequence, granularity, x_scale, "int8_linear");
-  at::Tensor q = at::empty({M, K}, x2d.options().dtype(at::kChar));
-  quantize_rows(x2d, s_x, q);
-  at::Tensor w_c = w_q.contiguous();
-  at::Tensor acc = at::empty({M, N}, x2d.options().dtype(at::kInt));
-  gemm_s8s8s32(q.data_ptr<int8_t>(), w_c.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K);
-
-  at::Tensor out = at::empty({M, N}, x2d.options());
-  at::Tensor b32;
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "glufx::int8_linear: bias has ", bias->numel(), " elements, expected ", N);
-    b32 = bias->to(at::kFloat).contiguous();
-    b = b32.data_ptr<float>();
-  }
-  const float* sx = s_x.data_ptr<float>();
-  at::Tensor ws_c = w_scale.contiguous();
-  const float* sw = ws_c.data_ptr<float>();
-  const int32_t* accp = acc.data_ptr<int32_t>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t mb, int64_t me) {
-    for (int64_t m = mb; m < me; ++m) dequantize_row(accp + m * N, sx[m], sw, b, o + m * N, N);
-  });
-  return to_output(out, x, N);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(glufx, CPU, m) {
   m.impl("quantize_weight", &quantize_weight_cpu);
   m.impl("quantize_activation", &quantize_activation_cpu);
   m.impl("int8_mm", &int8_mm_cpu);
-  m.impl("int8_linear", &int8_linear_cpu);
 }
 
 }  // namespace glufx

@@ -16,8 +16,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -248,17 +252,38 @@ GLUFX_AVX2 void rows_avx2(const PackedArgs& p, int64_t m0, int64_t m1, int64_t n
 
 enum class Path { kGeneric, kAvx2, kVnni };
 
-// GLUFX_CPU_KERNEL=generic|avx2|vnni forces a kernel (tests run every variant on one machine);
-// a forced kernel the CPU lacks falls back to the best available one.
-Path choose_path() {
-  if (const char* force = std::getenv("GLUFX_CPU_KERNEL")) {
-    if (std::strcmp(force, "generic") == 0) return Path::kGeneric;
-    if (std::strcmp(force, "avx2") == 0 && cpu_has_avx2()) return Path::kAvx2;
-    if (std::strcmp(force, "vnni") == 0 && cpu_has_vnni()) return Path::kVnni;
-  }
+Path best_path() {
   if (cpu_has_vnni()) return Path::kVnni;
   if (cpu_has_avx2()) return Path::kAvx2;
   return Path::kGeneric;
+}
+
+// A requested kernel the CPU lacks falls back to the best available one.
+Path path_from_name(c10::string_view name) {
+  if (name == "generic") return Path::kGeneric;
+  if (name == "avx2" && cpu_has_avx2()) return Path::kAvx2;
+  if (name == "vnni" && cpu_has_vnni()) return Path::kVnni;
+  TORCH_CHECK(name == "auto" || name == "avx2" || name == "vnni",
+              "glufx: unknown CPU kernel '", std::string(name), "'; choose generic, avx2, vnni or auto");
+  return best_path();
+}
+
+const char* path_name(Path p) { return p == Path::kVnni ? "vnni" : p == Path::kAvx2 ? "avx2" : "generic"; }
+
+// GLUFX_CPU_KERNEL=generic|avx2|vnni is read once, when the library loads; glufx::set_cpu_kernel
+// switches at run time (tests run every variant in one process). Every variant reads the same
+// prepared layout, so switching needs no repacking.
+std::atomic<int> g_path{[] {
+  const char* force = std::getenv("GLUFX_CPU_KERNEL");
+  return static_cast<int>(force ? path_from_name(force) : best_path());
+}()};
+
+Path choose_path() { return static_cast<Path>(g_path.load(std::memory_order_relaxed)); }
+
+std::string set_cpu_kernel(c10::string_view name) {
+  const Path old = choose_path();
+  g_path.store(static_cast<int>(path_from_name(name)));
+  return path_name(old);
 }
 
 // Each thread owns pairs of 16-channel blocks; a pair's weights (32 x K bytes) are read from memory
@@ -368,6 +393,162 @@ at::Tensor int8_glu_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, 
   return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
 }
 
+
+// ---- prepared weights ---------------------------------------------------------------------------
+// A quantized model holds canonical INT8 [N, K] weights (what is saved, exported and handed to other
+// engines); the kernels read the packed layout above. The packed form is made from the canonical
+// tensor on its first use and cached here, keyed by the weight's storage, so a saved model, an
+// exported program or an AOTInductor package carries no kernel layout and runs under any kernel.
+// The cache holds weak references: an entry dies with its weight (and its storage address cannot be
+// reused while the entry exists, so a later model never hits a stale entry). An in-place write to a
+// cached weight (its version counter moves) repacks it.
+struct WeightRef {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  const c10::TensorImpl* impl;
+  int64_t version;
+};
+
+int64_t version_of(const at::Tensor& t) {
+  return t.is_inference() ? -1 : static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version());
+}
+
+WeightRef ref_of(const at::Tensor& t) {
+  return {c10::weak_intrusive_ptr<c10::StorageImpl>(t.storage().getWeakStorageImpl()), t.data_ptr(),
+          t.sizes().vec(), t.strides().vec(), t.unsafeGetTensorImpl(), version_of(t)};
+}
+
+// Same storage, view and (for the same tensor object) version. A new tensor object over the same
+// storage (AOTInductor hands constants as fresh handles) is the same weight.
+bool still_matches(WeightRef& r, const at::Tensor& t) {
+  if (r.storage.expired() || r.storage._unsafe_get_target() != t.storage().unsafeGetStorageImpl() ||
+      r.data != t.data_ptr() || r.sizes != t.sizes().vec() || r.strides != t.strides().vec())
+    return false;
+  const int64_t v = version_of(t);
+  if (r.impl == t.unsafeGetTensorImpl()) return r.version == v;
+  r.impl = t.unsafeGetTensorImpl();
+  r.version = v;
+  return true;
+}
+
+struct PreparedEntry {
+  std::vector<WeightRef> refs;
+  at::Tensor packed, scale;
+};
+
+std::mutex g_prepared_mutex;
+std::unordered_map<const void*, std::vector<PreparedEntry>> g_prepared;  // by the first weight's data
+
+bool expired(const PreparedEntry& e) {
+  for (const auto& r : e.refs)
+    if (r.storage.expired()) return true;
+  return false;
+}
+
+// (packed, scale) of the prepared form; returned by value: the entry may be dropped by another thread.
+template <typename Make>
+std::pair<at::Tensor, at::Tensor> prepared(const std::vector<at::Tensor>& weights, Make make) {
+  std::lock_guard<std::mutex> lock(g_prepared_mutex);
+  auto& bucket = g_prepared[weights[0].data_ptr()];
+  for (auto it = bucket.begin(); it != bucket.end();) {
+    bool hit = it->refs.size() == weights.size();
+    for (size_t i = 0; hit && i < weights.size(); ++i) hit = still_matches(it->refs[i], weights[i]);
+    if (hit) return {it->packed, it->scale};
+    // Same first storage, same arity, no match: a stale form of this weight (written in place).
+    it = expired(*it) || it->refs.size() == weights.size() ? bucket.erase(it) : it + 1;
+  }
+  // Drop entries of freed weights elsewhere too, so the cache never outgrows the live models.
+  for (auto it = g_prepared.begin(); it != g_prepared.end();) {
+    auto& b = it->second;
+    b.erase(std::remove_if(b.begin(), b.end(), expired), b.end());
+    it = b.empty() && &b != &bucket ? g_prepared.erase(it) : std::next(it);
+  }
+  PreparedEntry e;
+  for (const auto& w : weights) e.refs.push_back(ref_of(w));
+  std::tie(e.packed, e.scale) = make();
+  bucket.push_back(e);
+  return {e.packed, e.scale};
+}
+
+int64_t prepared_weights() {
+  std::lock_guard<std::mutex> lock(g_prepared_mutex);
+  int64_t n = 0;
+  for (const auto& kv : g_prepared)
+    for (const auto& e : kv.second) n += !expired(e);
+  return n;
+}
+
+void check_canonical(const at::Tensor& w_q, const at::Tensor& w_scale, int64_t K, const char* op, const char* what) {
+  TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2,
+              "glufx::", op, ": ", what, " must be a 2-D int8 [N, K] weight (glufx::quantize_weight makes one)");
+  TORCH_CHECK(w_q.size(1) == K, "glufx::", op, ": input has ", K, " features, ", what, " expects ", w_q.size(1));
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == w_q.size(0),
+              "glufx::", op, ": the scale of ", what, " must be float32 with one value per output channel (",
+              w_q.size(0), ")");
+}
+
+// The canonical W8A8 linear: x [..., K], w_q [N, K] int8 -> [..., N] in x's dtype.
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
+                           int64_t granularity) {
+  check_float(x, "int8_linear");
+  check_canonical(w_q, w_scale, x.size(-1), "int8_linear", "w_q");
+  const int64_t N = w_q.size(0);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "glufx::int8_linear: bias has ", bias->numel(),
+              " elements, expected ", N);
+  const auto prep = prepared({w_q}, [&] { return std::make_pair(pack_weight_cpu(w_q.contiguous()), at::Tensor()); });
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
+  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  packed_gemm(x2d, rows_per_sequence, prep.first, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr,
+              "int8_linear");
+  return to_output(out, x, N);
+}
+
+// gate's and up's 16-channel blocks interleaved (gate block, up block, ...), channels padded to 16
+// with zero weights and unit scales: one kernel tile yields a gate block and its up block.
+std::pair<at::Tensor, at::Tensor> pack_glu(const at::Tensor& w_gate, const at::Tensor& s_gate, const at::Tensor& w_up,
+                                           const at::Tensor& s_up) {
+  const int64_t hidden = w_gate.size(0), K = w_gate.size(1), padded = round_up(hidden, kNR);
+  auto blocks = [&](const at::Tensor& t, double fill) {
+    return at::constant_pad_nd(t, {0, 0, 0, padded - hidden}, fill).view({padded / kNR, kNR, t.size(1)});
+  };
+  at::Tensor w = at::stack({blocks(w_gate, 0), blocks(w_up, 0)}, 1).reshape({2 * padded, K});
+  at::Tensor s = at::stack({blocks(s_gate.reshape({hidden, 1}), 1.0), blocks(s_up.reshape({hidden, 1}), 1.0)}, 1)
+                     .reshape({2 * padded})
+                     .contiguous();
+  return {pack_weight_cpu(w.contiguous()), s};
+}
+
+// act(x W_gate^T) * (x W_up^T) from one quantization of x, both projections in one pass over the
+// prepared interleaved weight; act and product by ATen's kernels in x's dtype, so the result has the
+// bits of the two linears followed by the model's own activation and product.
+at::Tensor int8_glu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& s_gate, const at::Tensor& w_up,
+                        const at::Tensor& s_up, c10::string_view activation, const c10::optional<at::Tensor>& x_scale,
+                        int64_t granularity) {
+  check_float(x, "int8_glu");
+  check_canonical(w_gate, s_gate, x.size(-1), "int8_glu", "w_gate");
+  check_canonical(w_up, s_up, x.size(-1), "int8_glu", "w_up");
+  TORCH_CHECK(w_gate.size(0) == w_up.size(0), "glufx::int8_glu: gate has ", w_gate.size(0), " channels, up ",
+              w_up.size(0));
+  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh",
+              "glufx::int8_glu: activation must be silu, gelu or gelu_tanh, got ", std::string(activation));
+  const int64_t hidden = w_gate.size(0);
+  const auto prep = prepared({w_gate, s_gate, w_up, s_up}, [&] {
+    return pack_glu(w_gate.contiguous(), s_gate.contiguous(), w_up.contiguous(), s_up.contiguous());
+  });
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
+  at::Tensor up = at::empty_like(gate);
+  packed_gemm(x2d, rows_per_sequence, prep.first, prep.second, at::Tensor(), x_scale, granularity, gate, &up,
+              "int8_glu");
+  gate = to_output(gate, x, hidden);
+  up = to_output(up, x, hidden);
+  if (activation == "silu") return at::silu(gate).mul_(up);
+  return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(glufx, CPU, m) {
@@ -375,6 +556,14 @@ TORCH_LIBRARY_IMPL(glufx, CPU, m) {
   m.impl("unpack_weight", &unpack_weight_cpu);
   m.impl("int8_linear_packed", &int8_linear_packed_cpu);
   m.impl("int8_glu_packed", &int8_glu_packed_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int8_glu", &int8_glu_cpu);
+}
+
+// Kernel controls, no tensor arguments: registered for every dispatch key.
+TORCH_LIBRARY_FRAGMENT(glufx, m) {
+  m.def("set_cpu_kernel(str name) -> str", &set_cpu_kernel);
+  m.def("prepared_weights() -> int", &prepared_weights);
 }
 
 }  // namespace glufx

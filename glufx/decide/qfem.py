@@ -1,4 +1,4 @@
-"""QFeM (SPEC §3): score every projection input by its spike ratio and keep the worst in floating point.
+"""QFeM (docs/method.md §3): score every projection input by its spike ratio and keep the worst in floating point.
 
 Modes: `auto` walks the score-sorted sibling groups, measuring held-out loss after each exclusion,
 and keeps the smallest set within `tolerance` of the best gain; `alpha` keeps r_m > alpha; `budget`
@@ -6,6 +6,7 @@ keeps the top scores up to `max_fp_param_share`; `off` quantizes every decoder l
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -13,25 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import GlufxConfig
-from ..data import Batch, is_causal_lm
-from ..match import MatchResult
-from ..observe import Observer
-from ..plan import ModulePlan, Plan
-from ..rewrite import Rewriter
-
-TARGET_ROLES = ("gate", "up", "gate_up", "down", "other")
-
-
-def targets(match: MatchResult, config: GlufxConfig) -> list[str]:
-    """Linears glufx may quantize: decoder linears, plus the head if asked; never routers."""
-    roles = TARGET_ROLES + (("head",) if config.quantize_lm_head else ())
-    return [f for f, p in match.projections.items() if p.kind == "linear" and p.role in roles]
-
-
-def module_scores(observer: Observer) -> dict[str, float]:
-    return {f: st.score for f, st in observer.by_fqn().items()}
-
+from ..calibdata import Batch, is_causal_lm
+from ..lower import Lowering
 
 class HeldoutMetric:
     """Divergence of a (partly) quantized model from the floating-point one on held-out sequences.
@@ -45,6 +29,7 @@ class HeldoutMetric:
 
     def __init__(self, model: nn.Module, batches: list[Batch], positions: int = 128, seed: int = 0):
         self.model, self.batches, self.lm = model, batches, is_causal_lm(model)
+        self.keeps_logits = self.lm and accepts_kwarg(model, "logits_to_keep")
         g = torch.Generator().manual_seed(seed)
         self.keep: list[Optional[torch.Tensor]] = []
         for b in batches:
@@ -61,9 +46,9 @@ class HeldoutMetric:
         b = self.batches[i]
         if not self.lm:
             return _first_tensor(self.model(*b.args, **b.kwargs)).float()
-        try:
+        if self.keeps_logits:
             logits = self.model(*b.args, **b.kwargs, logits_to_keep=self.keep[i]).logits[0]
-        except TypeError:  # a model without logits_to_keep: full head, then select
+        else:  # a model without logits_to_keep: full head, then select
             logits = self.model(*b.args, **b.kwargs).logits[0, self.keep[i]]
         return torch.log_softmax(logits.float(), dim=-1)  # [P, V]
 
@@ -88,79 +73,87 @@ def _first_tensor(out):
     return leaves[0]
 
 
-def decide(model: nn.Module, match: MatchResult, observer: Observer, heldout: list[Batch],
-           config: GlufxConfig, x_scales: dict[str, float], runner: Optional[nn.Module] = None) -> Plan:
-    """`runner` runs the held-out metric (the QFeP wrapper when a prefix is active); `model` is rewritten."""
-    quant_targets = targets(match, config)
-    scores = module_scores(observer)
+def accepts_kwarg(model: nn.Module, name: str) -> bool:
+    """Whether model.forward takes `name` (a wrapper forwarding **kwargs is asked about its inner model)."""
+    params = inspect.signature(model.forward).parameters
+    if name in params:
+        return True
+    inner = getattr(model, "model", None)
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return has_var_kw and isinstance(inner, nn.Module) and accepts_kwarg(inner, name)
+
+
+def candidate_groups(ctx, cfg) -> tuple[list[list[str]], list[list[str]]]:
+    """(all target sibling groups worst score first, the candidates: those scoring >= min_score that fit
+    in max_fp_param_share)."""
+    match, scores = ctx.match, ctx.stats.scores()
+    quant_targets = ctx.targets()
     decoder_params = sum(match.projections[f].n_params for f in quant_targets if match.projections[f].role != "head")
-    # Candidate groups: sibling groups of target linears, worst spikes first.
     groups: dict[int, list[str]] = {}
     for f in quant_targets:
         groups.setdefault(match.projections[f].group, []).append(f)
     ranked = sorted(groups.values(), key=lambda g: -scores.get(g[0], 0.0))
     candidates, share = [], 0.0
     for g in ranked:
-        if scores.get(g[0], 0.0) < config.min_score:
+        if scores.get(g[0], 0.0) < cfg.min_score:
             break
         share += sum(match.projections[f].n_params for f in g) / max(decoder_params, 1)
-        if share > config.max_fp_param_share + 1e-12:
+        if share > cfg.max_fp_param_share + 1e-12:
             break
         candidates.append(g)
+    return ranked, candidates
 
-    search: dict = {"mode": config.qfem, "candidates": [g for g in candidates]}
-    if config.qfem == "off":
+
+def decide_qfem(ctx, cfg) -> dict:
+    """The QFeM stage: marks the chosen sibling groups "fp" in ctx.plan with the measurement behind it."""
+    scores = ctx.stats.scores()
+    ranked, candidates = candidate_groups(ctx, cfg)
+    search: dict = {"mode": cfg.mode, "candidates": candidates}
+    if cfg.mode == "off":
         excluded: list[list[str]] = []
-    elif config.qfem == "alpha":
-        excluded = [g for g in ranked if scores.get(g[0], 0.0) > config.alpha]
-        search["alpha"] = config.alpha
-    elif config.qfem == "budget":
+    elif cfg.mode == "alpha":
+        excluded = [g for g in ranked if scores.get(g[0], 0.0) > cfg.alpha]
+        search["alpha"] = cfg.alpha
+    elif cfg.mode == "budget":
         excluded = candidates
     else:
-        excluded = _auto_search(model, runner or model, quant_targets, candidates, heldout, config, x_scales, search)
-
-    fp = {f for g in excluded for f in g}
-    reasons = {f: f"QFeM: score {scores.get(f, 0.0):.1f} ({config.qfem})" for f in fp}
-    modules = {}
-    for f, p in match.projections.items():
-        if f in quant_targets and f not in fp:
-            action, reason = "int8", "W8A8"
-        elif f in fp:
-            action, reason = "fp", reasons[f]
-        else:
-            action = "fp"
-            reason = {"head": "output head (kept FP; quantize_lm_head=True to change)", "router": "MoE router",
-                      "experts": "MoE expert bank (3-D weights: no INT8 kernel yet)"}.get(p.role, "not a target")
-        modules[f] = ModulePlan(
-            fqn=f, action=action, role=p.role, granularity=config.granularity if action == "int8" else None,
-            score=scores.get(f, 0.0), reason=reason, group=p.group, in_features=p.in_features,
-            out_features=p.out_features, n_params=p.n_params, kind=p.kind,
-            x_scale=x_scales.get(f) if f in quant_targets and config.granularity == "static" else None)
-    return Plan(modules=modules, config=config.to_dict(), search=search,
-                glu_blocks=[vars(b) for b in match.glu_blocks])
+        excluded = _auto_search(ctx, candidates, cfg, search)
+    step = {f: k + 1 for k, g in enumerate(excluded) for f in g}
+    for f in ctx.targets():
+        mp = ctx.plan.modules[f]
+        kept = f in step
+        mp.decisions["qfem"] = {"kept_fp": kept, "score": scores.get(f, 0.0), "mode": cfg.mode,
+                                "step": step.get(f), "granularity": mp.decisions.get("granularity", {}).get("granularity")}
+        if kept:
+            mp.action, mp.granularity = "fp", None
+            mp.reason = f"QFeM: score {scores.get(f, 0.0):.1f} ({cfg.mode}, step {step[f]})"
+    ctx.plan.search = search
+    return {"kept_fp": sorted(step), "mode": cfg.mode}
 
 
-def _auto_search(model, runner, quant_targets, candidates, heldout, config, x_scales, search) -> list[list[str]]:
+def _auto_search(ctx, candidates, cfg, search) -> list[list[str]]:
+    heldout = ctx.calib.heldout
     if not heldout:
         raise ValueError("glufx: QFeM auto needs held-out calibration sequences (heldout_samples > 0 and at "
                          "least two calibration sequences); or use GlufxConfig(qfem='alpha', alpha=...)")
-    steps = candidates[: config.max_search_steps]
+    steps = candidates[: cfg.max_search_steps]
     if not steps:
         search.update({"metrics": [], "chosen_steps": 0})
         return []
-    metric = HeldoutMetric(runner, heldout)  # FP reference first: the model is still unquantized here
-    rw = Rewriter(model, quant_targets, config.granularity, x_scales)
+    quant_targets = [f for f in ctx.targets() if ctx.plan.modules[f].action == "int8"]
+    metric = HeldoutMetric(ctx.runner or ctx.model, heldout)  # FP reference first: the model is unquantized
+    rw = Lowering(ctx.model, ctx.plan, quant_targets)
     metrics = []
     try:
-        for k in tqdm(range(len(steps) + 1), desc="glufx QFeM search", disable=not config.progress):
+        for k in tqdm(range(len(steps) + 1), desc="glufx QFeM search", disable=not ctx.progress):
             fp = {f for g in steps[:k] for f in g}
             rw.apply([f for f in quant_targets if f not in fp])
             metrics.append(metric())
     finally:
-        rw.apply([])  # the model leaves the search unquantized; apply_plan rewrites it
+        rw.apply([])  # the model leaves the search unquantized; lower() rewrites it
     best = min(metrics)
-    bound = best + config.tolerance * (metrics[0] - best)
+    bound = best + cfg.tolerance * (metrics[0] - best)
     k_star = next(k for k, m in enumerate(metrics) if m <= bound + 1e-12)
     search.update({"metric": "kl" if metric.lm else "relative_mse", "metrics": metrics,
-                   "chosen_steps": k_star, "tolerance": config.tolerance})
+                   "chosen_steps": k_star, "tolerance": cfg.tolerance})
     return steps[:k_star]

@@ -1,4 +1,4 @@
-"""QFeP (SPEC §4): choose the quantization-free prefix whose cached KV absorbs the activation spikes.
+"""QFeP (docs/method.md §4): choose the quantization-free prefix whose cached KV absorbs the activation spikes.
 
 `paper`: target module m* = argmax score; candidate spike tokens s from m*'s per-sequence top-3
 positions (BOS dropped); contexts c = the most frequent calibration tokens; pick the (c, s) whose
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import CalibrationSet
+from ..calibdata import CalibrationSet
 from ..observe import OUTLIER_ETA, InputStats
 
 

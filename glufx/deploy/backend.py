@@ -1,15 +1,21 @@
 """The `torch.compile(model, backend="glufx", options={"plan": plan})` backend.
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml): nothing changes in
-PyTorch's global configuration at import. The backend runs glufx's matcher on the dynamo graph
-(torch-IR spelling; weights arrive as placeholders whose real tensors are in `example_inputs`),
-rewrites every linear the plan quantizes into `torch.ops.glufx.int8_linear_packed` with the packed
-weight as a graph constant, and hands the graph to Inductor, which keeps the glufx op as an extern
-call and (by default) eager's float math around it (deploy/inductor.py). Quantized weights are
-cached per live weight tensor (and its FQN and version), so recompiles (new shapes, guards) reuse them.
+PyTorch's global configuration at import. Two inputs work:
+  * an already-lowered model (`glufx.compile` / `glufx.load`): the graph holds glufx ops; the backend
+    compiles it with the exact Inductor mode (no plan needed);
+  * a floating-point model and its plan: the backend runs glufx's matcher on the dynamo graph and
+    lowers each planned linear with `glufx.lower.lower_weights`, the per-module lowering
+    `glufx.lower` uses, into `torch.ops.glufx.int8_linear` on canonical INT8 weights held as graph
+    constants; with `fuse_glu`, each fusable GLU product becomes `torch.ops.glufx.int8_glu`, as
+    `glufx.lower` builds `Int8GLU`. The outputs equal the eager lowered model's bit for bit.
+Quantized weights are cached per live weight tensor (and its FQN and version), so recompiles (new
+shapes, guards) reuse them. A planned linear the backend cannot lower (its weight is computed in the
+graph) is counted in `counters["planned_not_lowered"]` and warned about.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -18,23 +24,24 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from ..match import is_linear, module_fqn, projection_input
+from ..lower import lower_weights
+from ..match import is_linear, match_graph, module_fqn, projection_input
+from ..nn import Int8Linear
 from ..ops.schema import GRANULARITIES
 from ..plan import Plan
 from .inductor import compile_graph
 
 counters: Counter = Counter()
-# id(weight) -> (weakref to it, (fqn, version, shape, dtype), (packed, scale)). Keyed by the live
-# tensor, not its data_ptr: a freed model's storage is reused by the next one, same shapes and FQNs.
-_weight_cache: dict[int, tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+# id(weight) -> (weakref to it, (fqn, version, shape, dtype), Int8Linear). Keyed by the live tensor,
+# not its data_ptr: a freed model's storage is reused by the next one, same shapes and FQNs.
+_weight_cache: dict[int, tuple[weakref.ref, tuple, Int8Linear]] = {}
+GLUFX_OPS = ("glufx.int8_linear", "glufx.int8_glu")
 
 
-def _resolve_plan(options: Optional[dict]) -> Plan:
-    options = dict(options or {})
+def _resolve_plan(options: dict) -> Optional[Plan]:
     plan = options.get("plan")
     if plan is None:
-        raise ValueError('glufx backend: pass the plan: torch.compile(m, backend="glufx", options={"plan": plan}) '
-                         "with plan = glufx.calibrate(m, calib_data, ...) (or a path to its JSON)")
+        return None
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
@@ -50,60 +57,138 @@ def _plan_key(fqn: str, plan: Plan) -> Optional[str]:
     return hits[0] if len(hits) == 1 else None
 
 
-def _quantized(fqn: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    state = (fqn, weight._version, tuple(weight.shape), weight.dtype)
+def _lowered(key: str, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: Plan) -> Int8Linear:
+    mp = plan.modules[key]
+    state = (key, weight._version, tuple(weight.shape), weight.dtype, mp.granularity, mp.x_scale)
     hit = _weight_cache.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == state:
         counters["weights_cache_hits"] += 1
         return hit[2]
-    w_q, w_scale = torch.ops.glufx.quantize_weight(weight.detach())
-    packed = (torch.ops.glufx.pack_weight(w_q), w_scale)
-    key = id(weight)
-    _weight_cache[key] = (weakref.ref(weight, lambda _: _weight_cache.pop(key, None)), state, packed)
+    mod = lower_weights(weight, bias, mp)
+    ident = id(weight)
+    _weight_cache[ident] = (weakref.ref(weight, lambda _: _weight_cache.pop(ident, None)), state, mod)
     counters["weights_quantized"] += 1
-    return packed
+    return mod
+
+
+def _const(gm: fx.GraphModule, name: str, value: Optional[torch.Tensor]) -> Optional[fx.Node]:
+    if value is None:
+        return None
+    gm.register_buffer(name, value)
+    return gm.graph.get_attr(name)
+
+
+def _linear_args(node: fx.Node):
+    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], w, b
 
 
 def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> int:
-    """Replace planned linears by glufx.int8_linear_packed; returns the number rewritten."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    value_of = {n: v for n, v in zip(placeholders, example_inputs)}
-    n_rewritten = 0
+    """Lower the plan's linears (and GLU products, with fuse_glu) in a dynamo graph; returns the count."""
+    if plan.transforms:
+        _check_transforms(gm, example_inputs, plan)
+    value_of = {n: v for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    lowered: dict[str, Int8Linear] = {}  # linear node name -> its lowered module
+    n_rewritten, skipped = 0, []
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and is_linear(node)) or projection_input(node) is None:
             continue
         key = _plan_key(module_fqn(node) or "", plan)
         if key is None or plan.modules[key].action != "int8":
             continue
-        mp = plan.modules[key]
-        x = node.args[0]
-        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        weight = value_of.get(w)
-        if not isinstance(weight, torch.Tensor):
-            continue  # the weight is computed in the graph: leave the linear in floating point
-        w_packed, w_s = _quantized(key, weight)
+        x, w, b = _linear_args(node)
+        weight, bias = value_of.get(w), value_of.get(b) if b is not None else None
+        if not isinstance(weight, torch.Tensor) or (b is not None and not isinstance(bias, torch.Tensor)):
+            skipped.append(key)  # computed in the graph: nothing to quantize ahead of time
+            continue
+        lowered[node.name] = (key, _lowered(key, weight, bias, plan))
+
+    fused = _fuse_glus(gm, plan, nodes, lowered) if plan.config.get("fuse_glu") else set()
+    for name, (key, mod) in lowered.items():
+        if name in fused:
+            continue
+        node = nodes[name]
         prefix = "glufx_" + key.replace(".", "_")
-        gm.register_buffer(prefix + "_w_packed", w_packed)
-        gm.register_buffer(prefix + "_w_scale", w_s)
-        x_scale = None
-        if mp.granularity == "static":
-            gm.register_buffer(prefix + "_x_scale", torch.tensor([mp.x_scale], dtype=torch.float32))
         with gm.graph.inserting_before(node):
-            wq_n = gm.graph.get_attr(prefix + "_w_packed")
-            ws_n = gm.graph.get_attr(prefix + "_w_scale")
-            if mp.granularity == "static":
-                x_scale = gm.graph.get_attr(prefix + "_x_scale")
-            new = gm.graph.call_function(torch.ops.glufx.int8_linear_packed.default,
-                                         (x, wq_n, ws_n, b, x_scale, GRANULARITIES[mp.granularity]))
+            args = (node.args[0], _const(gm, prefix + "_w_q", mod.w_q), _const(gm, prefix + "_w_scale", mod.w_scale),
+                    _const(gm, prefix + "_bias", mod.bias), _const(gm, prefix + "_x_scale", mod.x_scale),
+                    GRANULARITIES[mod.granularity])
+            new = gm.graph.call_function(torch.ops.glufx.int8_linear.default, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         n_rewritten += 1
         counters["int8_linear"] += 1
+    if skipped:
+        counters["planned_not_lowered"] += len(skipped)
+        warnings.warn(f"glufx backend: {len(skipped)} planned INT8 linear(s) stay in floating point because their "
+                      f"weight is computed inside the graph (e.g. {skipped[0]})", stacklevel=2)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return n_rewritten
+    return n_rewritten + len(fused)
+
+
+def _fuse_glus(gm: fx.GraphModule, plan: Plan, nodes: dict, lowered: dict) -> set:
+    """GLU products whose gate and up are both lowered with one activation quantization -> int8_glu."""
+    fused = set()
+    blocks = {b["module"]: b for b in plan.glu_blocks if b.get("module")}
+    for block in match_graph(gm.graph).glu_blocks:
+        if block.fused or block.moe or block.mul_node is None:
+            continue
+        key = _plan_key(block.gate, plan)
+        plan_block = next((b for b in blocks.values() if b["gate"] == key), None)
+        gate = next(((n, km) for n, km in lowered.items() if km[0] == key), None)
+        up = next(((n, km) for n, km in lowered.items() if km[0] == _plan_key(block.up, plan)), None)
+        if plan_block is None or gate is None or up is None:
+            continue
+        (gn, (_, g)), (un, (_, u)) = gate, up
+        if (g.granularity, g.bias, u.bias) != (u.granularity, None, None) or not _same_scale(g, u):
+            continue
+        mul = nodes[block.mul_node]
+        prefix = "glufx_" + plan_block["module"].replace(".", "_")
+        with gm.graph.inserting_before(mul):
+            args = (nodes[gn].args[0], _const(gm, prefix + "_gate_w_q", g.w_q), _const(gm, prefix + "_gate_w_scale", g.w_scale),
+                    _const(gm, prefix + "_up_w_q", u.w_q), _const(gm, prefix + "_up_w_scale", u.w_scale), block.act,
+                    _const(gm, prefix + "_x_scale", g.x_scale), GRANULARITIES[g.granularity])
+            new = gm.graph.call_function(torch.ops.glufx.int8_glu.default, args)
+        new.meta.update(mul.meta)
+        mul.replace_all_uses_with(new)
+        gm.graph.erase_node(mul)
+        fused |= {gn, un}
+        counters["glu_fused"] += 1
+    return fused
+
+
+def _same_scale(a: Int8Linear, b: Int8Linear) -> bool:
+    return (a.x_scale is None and b.x_scale is None) or (
+        a.x_scale is not None and b.x_scale is not None and torch.equal(a.x_scale, b.x_scale))
+
+
+def _check_transforms(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> None:
+    """A plan with transforms lowers a model that carries them (glufx.prefixed(model, plan) applies them):
+    quantizing the untransformed weights with the transformed model's scales would be silently wrong."""
+    from ..transforms import fingerprint
+
+    by_fqn = {}
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+        for user in node.users:
+            if user.op == "call_function" and is_linear(user) and _linear_args(user)[1] is node:
+                key = _plan_key(module_fqn(user) or "", plan)
+                if key is not None:
+                    by_fqn[key] = value
+    for entry in plan.transforms:
+        fqns = [entry["producer"], *entry["consumers"]]
+        if not all(f in by_fqn for f in fqns):
+            continue
+        from ..transforms import _same
+
+        if not _same(fingerprint(*(by_fqn[f] for f in fqns)), entry["fingerprint_after"]):
+            raise ValueError("glufx backend: the plan has equivalence transforms the compiled model does not carry; "
+                             'compile torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
+                             "(glufx.prefixed applies the plan's transforms and QFeP prefix)")
 
 
 def _holds_prefix(gm: fx.GraphModule) -> bool:
@@ -112,23 +197,35 @@ def _holds_prefix(gm: fx.GraphModule) -> bool:
                for node in gm.graph.nodes if node.op in ("placeholder", "get_attr"))
 
 
+def _holds_glufx_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and str(n.target).startswith(GLUFX_OPS) for n in gm.graph.nodes)
+
+
 def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Any:
-    """options: `plan` (a Plan or its JSON path); `inductor` (default True; False runs the rewritten
-    graph as is); `exact` (default True: Inductor keeps eager's float math, so the logits equal
-    `glufx.compile`'s bit for bit; False lets it generate every float op, see deploy/inductor.py)."""
+    """options: `plan` (a Plan or its JSON path; not needed for an already-lowered model); `inductor`
+    (default True; False runs the rewritten graph as is); `exact` (default True: Inductor keeps eager's
+    float math, so the logits equal `glufx.compile`'s bit for bit; False lets it generate every float op,
+    see deploy/inductor.py)."""
     options = dict(options or {})
     unknown = set(options) - {"plan", "inductor", "exact"}
     if unknown:
         raise ValueError(f"glufx backend: unknown option(s) {sorted(unknown)}; known: plan, inductor, exact")
     plan = _resolve_plan(options)
-    n_rewritten = rewrite_dynamo_graph(gm, example_inputs, plan)
-    if plan.qfep and n_rewritten and not _holds_prefix(gm):
-        raise ValueError("glufx backend: the plan has a QFeP prefix but the compiled model does not: compile "
-                         'torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
-                         "(the plan's QFeM choices were measured with the prefix in place)")
+    if plan is None:
+        if not _holds_glufx_ops(gm):
+            raise ValueError('glufx backend: pass the plan: torch.compile(m, backend="glufx", options={"plan": plan}) '
+                             "with plan = glufx.calibrate(m, calib_data, ...) (or a path to its JSON), or compile a "
+                             "model glufx.compile / glufx.load already lowered")
+        n_rewritten = 0
+    else:
+        n_rewritten = rewrite_dynamo_graph(gm, example_inputs, plan)
+        if plan.qfep and n_rewritten and not _holds_prefix(gm):
+            raise ValueError("glufx backend: the plan has a QFeP prefix but the compiled model does not: compile "
+                             'torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
+                             "(the plan's QFeM choices were measured with the prefix in place)")
     counters["graphs"] += 1
     if not options.get("inductor", True):
         return gm.forward
     # A fresh GraphModule: Inductor looks new get_attr constants up by their source otherwise
-    # (NOTES-capture.md: "... not found in param_name_to_source").
+    # (docs/design.md, "The torch.compile backend").
     return compile_graph(fx.GraphModule(gm, gm.graph), example_inputs, exact=options.get("exact", True))

@@ -1,7 +1,9 @@
 """Save and load a glufx-quantized HF causal LM without recalibration.
 
-A directory holding the HF `config.json`, `model.safetensors` (INT8 weights and scales, original
-FP weights of kept modules), `glufx_plan.json`, and `prefix.safetensors` when QFeP is on.
+A directory holding the HF `config.json`, `model.safetensors` (canonical INT8 weights `[N, K]` and
+scales, the FP weights of kept modules: no kernel layout, so it loads under every kernel), the plan
+(`glufx_plan.json` and its tensor sidecar), the calibration statistics (`glufx_stats.*`, for reports
+without recalibrating), and `prefix.safetensors` when QFeP is on.
 """
 from __future__ import annotations
 
@@ -10,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import Int8Linear
+from ..lower import lower
 from ..plan import Plan
 from ..prefix import PrefixedLM, PrefixKV
-from ..rewrite import fuse_glu_blocks
 
 PLAN_FILE, WEIGHTS_FILE, PREFIX_FILE = "glufx_plan.json", "model.safetensors", "prefix.safetensors"
 
@@ -30,6 +31,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     inner.config.save_pretrained(path)
     save_model(inner, str(path / WEIGHTS_FILE))  # de-duplicates tied weights (Gemma's lm_head)
     plan.save(path / PLAN_FILE)
+    if plan.stats is not None:
+        plan.stats.save(path)
     if isinstance(model, PrefixedLM):
         model.prefix().save(path / PREFIX_FILE)
     if tokenizer is not None:
@@ -48,14 +51,12 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     model.eval()
-    for fqn, mp in plan.modules.items():
-        if mp.action == "int8":
-            old = model.get_submodule(fqn)
-            model.set_submodule(fqn, Int8Linear(mp.in_features, mp.out_features, old.bias is not None, mp.granularity,
-                                                old.weight.dtype))
-    if plan.config.get("fuse_glu"):
-        fuse_glu_blocks(model, plan)  # the Int8GLU skeletons whose buffers the file holds
+    lower(model, plan, skeleton=True)  # the quantized modules, empty; the file holds their state
     load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    from ..stats import JSON_FILE, Statistics
+
+    if (path / JSON_FILE).exists():
+        plan.stats = Statistics.load(path)
     if (path / PREFIX_FILE).exists():
         model = PrefixedLM(model, PrefixKV.load(path / PREFIX_FILE))
     model.glufx_plan = plan

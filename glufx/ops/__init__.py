@@ -12,9 +12,10 @@ import warnings
 import torch
 
 from . import reference
-from .schema import PACK_KQ, PACK_NR, GRANULARITIES, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
+from .schema import CONTROL_SCHEMAS, GRANULARITIES, PACK_KQ, PACK_NR, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, SCHEMAS, STATIC
 
-__all__ = ["GRANULARITIES", "PER_SEQUENCE", "PER_TENSOR", "PER_TOKEN", "STATIC", "NATIVE", "native_library_path"]
+__all__ = ["GRANULARITIES", "PER_SEQUENCE", "PER_TENSOR", "PER_TOKEN", "STATIC", "NATIVE", "native_library_path",
+           "cpu_kernel", "prepared_weights"]
 
 
 def native_library_path() -> str | None:
@@ -36,11 +37,35 @@ def _load() -> bool:
     for name, schema in SCHEMAS.items():
         lib.define(schema)
         lib.impl(name, getattr(reference, name), "CPU")
+    for name, schema in CONTROL_SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
     _load.lib = lib  # keep the registration alive
     return False
 
 
 NATIVE = _load()
+
+
+class cpu_kernel:
+    """`with glufx.ops.cpu_kernel("generic"): ...` runs the CPU kernel variant named (generic, avx2,
+    vnni, auto; one the CPU lacks falls back to the best it has). GLUFX_CPU_KERNEL sets the default
+    when the library loads. Every variant reads the same prepared weights and gives the same bits."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.previous = torch.ops.glufx.set_cpu_kernel(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        torch.ops.glufx.set_cpu_kernel(self.previous if self.previous != "reference" else "auto")
+
+
+def prepared_weights() -> int:
+    """Live prepared (kernel-layout) weights cached by the CPU ops; entries die with their weights."""
+    return int(torch.ops.glufx.prepared_weights())
 
 
 @torch.library.register_fake("glufx::quantize_weight")
@@ -70,6 +95,7 @@ def _(a, b):
 @torch.library.register_fake("glufx::int8_linear")
 def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
     torch._check(x.shape[-1] == w_q.shape[1], lambda: "glufx::int8_linear: feature size differs from the weight's")
+    torch._check(w_scale.shape[0] == w_q.shape[0], lambda: "glufx::int8_linear: one weight scale per output channel")
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
@@ -86,7 +112,23 @@ def _(w_packed, N, K):
 
 @torch.library.register_fake("glufx::int8_linear_packed")
 def _(x, w_packed, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
-    return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+    N, K = w_scale.shape[0], x.shape[-1]
+    torch._check(w_packed.dim() == 4 and w_packed.shape[2] == PACK_NR and w_packed.shape[3] == PACK_KQ,
+                 lambda: "glufx::int8_linear_packed: w_packed must come from glufx::pack_weight")
+    torch._check(w_packed.shape[0] == (N + PACK_NR - 1) // PACK_NR and
+                 w_packed.shape[1] == (K + PACK_KQ - 1) // PACK_KQ,
+                 lambda: f"glufx::int8_linear_packed: packed weight does not fit {N} channels of {K} features")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("glufx::int8_glu")
+def _(x, w_gate, s_gate, w_up, s_up, activation, x_scale=None, granularity=PER_SEQUENCE):
+    for w, s in ((w_gate, s_gate), (w_up, s_up)):
+        torch._check(w.dim() == 2 and w.shape[1] == x.shape[-1],
+                     lambda: "glufx::int8_glu: the weights' feature size differs from the input's")
+        torch._check(s.shape[0] == w.shape[0], lambda: "glufx::int8_glu: one scale per output channel")
+    torch._check(w_gate.shape[0] == w_up.shape[0], lambda: "glufx::int8_glu: gate and up differ in channels")
+    return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
 
 
 @torch.library.register_fake("glufx::int8_glu_packed")

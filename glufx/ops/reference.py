@@ -114,3 +114,22 @@ def int8_glu_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tens
     if activation == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+
+
+def int8_glu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor, w_up: torch.Tensor, s_up: torch.Tensor,
+             activation: str, x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
+    gate = int8_linear(x, w_gate, s_gate, None, x_scale, granularity)
+    up = int8_linear(x, w_up, s_up, None, x_scale, granularity)
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+
+
+def set_cpu_kernel(name: str) -> str:
+    if name not in ("generic", "avx2", "vnni", "auto"):
+        raise RuntimeError(f"glufx: unknown CPU kernel '{name}'; choose generic, avx2, vnni or auto")
+    return "reference"
+
+
+def prepared_weights() -> int:
+    return 0

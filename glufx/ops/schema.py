@@ -16,12 +16,21 @@ SCHEMAS = {
     "int8_mm": "int8_mm(Tensor a, Tensor b) -> Tensor",
     "int8_linear": "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
     "int granularity=0) -> Tensor",
+    "int8_glu": "int8_glu(Tensor x, Tensor w_gate, Tensor s_gate, Tensor w_up, Tensor s_up, str activation, "
+    "Tensor? x_scale=None, int granularity=0) -> Tensor",
     "pack_weight": "pack_weight(Tensor w_q) -> Tensor",
     "unpack_weight": "unpack_weight(Tensor w_packed, int N, int K) -> Tensor",
     "int8_linear_packed": "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, "
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
     "int8_glu_packed": "int8_glu_packed(Tensor x, Tensor w_packed, Tensor w_scale, int hidden, str activation, "
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
+}
+
+# Kernel controls (no tensor arguments): which CPU kernel runs, and how many prepared (packed) weights
+# are cached. The reference library has one kernel and prepares nothing.
+CONTROL_SCHEMAS = {
+    "set_cpu_kernel": "set_cpu_kernel(str name) -> str",
+    "prepared_weights": "prepared_weights() -> int",
 }
 
 PACK_NR, PACK_KQ = 16, 4  # output channels per packed block, input channels per group (csrc/cpu/packed_linear.cpp)

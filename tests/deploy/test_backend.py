@@ -8,9 +8,8 @@ import torch
 import glufx
 from glufx.deploy import backend as glufx_backend
 
-from conftest import tiny_model
+from conftest import CFG, tiny_model
 
-CFG = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4, max_fp_param_share=0.25)
 
 
 def test_registered_through_entry_point():
@@ -63,7 +62,7 @@ def test_inductor_exact_with_kept_biased_linears(calib_ids):
         assert torch.equal(compiled(input_ids=x, use_cache=False).logits, eager(input_ids=x, use_cache=False).logits)
 
 
-def test_inductor_free_float_math_is_close_not_equal(calib_ids):
+def test_inductor_free_float_math_stays_close(calib_ids):
     model = tiny_model("qwen2", spike=False)
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
     eager = glufx.compile(copy.deepcopy(model), plan=plan)
@@ -144,3 +143,30 @@ def test_backend_needs_a_plan():
     m = torch.compile(torch.nn.Linear(4, 4), backend="glufx")
     with pytest.raises(Exception, match="pass the plan"):
         m(torch.randn(2, 4))
+
+
+def test_backend_fuses_glus_as_lower_does(calib_ids):
+    model = tiny_model("llama")
+    plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, fuse_glu=True))
+    eager = glufx.compile(copy.deepcopy(model), plan=plan)
+    n_glu = sum(isinstance(m, glufx.Int8GLU) for m in eager.modules())
+    assert n_glu == 2
+    torch._dynamo.reset()
+    before = glufx_backend.counters["glu_fused"]
+    compiled = torch.compile(model, backend="glufx", options={"plan": plan, "inductor": False})
+    with torch.no_grad():
+        a = compiled(input_ids=calib_ids[:2, :13], use_cache=False).logits
+        b = eager(input_ids=calib_ids[:2, :13], use_cache=False).logits
+    fused = glufx_backend.counters["glu_fused"] - before
+    assert fused > 0 and fused % n_glu == 0  # every fusable block, in each graph dynamo compiled
+    assert torch.equal(a, b)
+
+
+def test_backend_compiles_an_already_lowered_model(calib_ids):
+    model = tiny_model("qwen2")
+    q = glufx.compile(model, calib_ids, glufx.GlufxConfig(**CFG))
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="glufx")  # no plan: the graph already holds glufx ops
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=calib_ids[:2, :11], use_cache=False).logits,
+                           q(input_ids=calib_ids[:2, :11], use_cache=False).logits)

@@ -5,9 +5,8 @@ import torch
 import glufx
 from glufx.prefix import PrefixedLM
 
-from conftest import tiny_model
+from conftest import CFG, tiny_model
 
-CFG = dict(seq_len=48, batch_size=4, progress=False, num_samples=8, heldout_samples=4, max_fp_param_share=0.25)
 
 
 @pytest.mark.parametrize("family,qfep", [("llama", "off"), ("gemma3", "paper")])

@@ -1,4 +1,4 @@
-"""glufx::int8_glu_packed: opcheck, the reference, the unfused linears, every kernel variant."""
+"""glufx::int8_glu (canonical weights, prepared on first use) and glufx::int8_glu_packed: opcheck, the reference, the unfused linears, every kernel variant."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,10 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import glufx  # noqa: F401
-from glufx.nn import Int8GLU, Int8Linear, pack_glu
+from glufx.nn import Int8GLU, Int8Linear
 from glufx.ops import GRANULARITIES, STATIC, reference
 
-from test_int8_ops import KERNELS, cpu_kernel
+from glufx.ops import cpu_kernel
+from test_int8_ops import KERNELS
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
@@ -25,12 +26,10 @@ def _glu(K, hidden, granularity="per_sequence", seed=0):
 @pytest.mark.parametrize("granularity", sorted(GRANULARITIES))
 def test_opcheck_and_reference(activation, granularity):
     gate, up = _glu(40, 24, granularity)
-    w, s = pack_glu(gate, up)
     x = torch.randn(2, 5, 40)
-    xs = gate.x_scale
-    args = (x, w, s, 24, activation, xs, GRANULARITIES[granularity])
-    torch.library.opcheck(torch.ops.glufx.int8_glu_packed, args)
-    assert torch.equal(torch.ops.glufx.int8_glu_packed(*args), reference.int8_glu_packed(*args))
+    args = (x, gate.w_q, gate.w_scale, up.w_q, up.w_scale, activation, gate.x_scale, GRANULARITIES[granularity])
+    torch.library.opcheck(torch.ops.glufx.int8_glu, args)
+    assert torch.equal(torch.ops.glufx.int8_glu(*args), reference.int8_glu(*args))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -48,11 +47,13 @@ def test_equals_the_unfused_linears(kernel, K, hidden, M, act, dtype):
 
 def test_bad_inputs_named():
     gate, up = _glu(16, 20)
-    w, s = pack_glu(gate, up)
     x = torch.randn(3, 16)
+    g, u = (gate.w_q, gate.w_scale), (up.w_q, up.w_scale)
     with pytest.raises(RuntimeError, match="silu, gelu or gelu_tanh"):
-        torch.ops.glufx.int8_glu_packed(x, w, s, 20, "relu", None, 0)
-    with pytest.raises(RuntimeError, match="pack_glu"):
-        torch.ops.glufx.int8_glu_packed(x, w, s, 40, "silu", None, 0)
+        torch.ops.glufx.int8_glu(x, *g, *u, "relu", None, 0)
+    with pytest.raises(RuntimeError, match="input has 15 features"):
+        torch.ops.glufx.int8_glu(x[:, :15], *g, *u, "silu", None, 0)
+    with pytest.raises(RuntimeError, match="gate has 20 channels, up 19"):
+        torch.ops.glufx.int8_glu(x, *g, up.w_q[:19], up.w_scale[:19], "silu", None, 0)
     with pytest.raises(RuntimeError, match="static"):
-        torch.ops.glufx.int8_glu_packed(x, w, s, 20, "silu", None, STATIC)
+        torch.ops.glufx.int8_glu(x, *g, *u, "silu", None, STATIC)

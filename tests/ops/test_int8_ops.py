@@ -1,6 +1,8 @@
 """glufx ops: opcheck, exact agreement with the reference (glufx/ops/reference.py), fuzzing."""
-import contextlib
+import gc
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import glufx  # noqa: F401  (registers torch.ops.glufx)
+from glufx.ops import cpu_kernel, prepared_weights
 from glufx.ops import GRANULARITIES, NATIVE, PER_SEQUENCE, PER_TENSOR, PER_TOKEN, STATIC, reference
 from glufx.ops.schema import SCHEMAS
 
@@ -180,19 +183,6 @@ KERNELS = ["generic"] + (["avx2"] if "avx2" in _cpu_flags() else []) + (
     ["vnni"] if {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags() else [])
 
 
-@contextlib.contextmanager
-def cpu_kernel(name: str):
-    old = os.environ.get("GLUFX_CPU_KERNEL")
-    os.environ["GLUFX_CPU_KERNEL"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GLUFX_CPU_KERNEL"]
-        else:
-            os.environ["GLUFX_CPU_KERNEL"] = old
-
-
 @pytest.mark.parametrize("granularity", sorted(GRANULARITIES.values()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_packed(granularity, dtype):
@@ -200,6 +190,10 @@ def test_opcheck_packed(granularity, dtype):
     w_q, w_s = ops.quantize_weight(w)
     packed = ops.pack_weight(w_q)
     xs = torch.tensor([0.02]) if granularity == STATIC else None
+    with pytest.raises(Exception, match="does not fit"):  # the fake kernel checks shapes as the real one does
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            ops.int8_linear_packed(torch.empty(2, 40), torch.empty(packed.shape, dtype=torch.int8),
+                                   torch.empty(19), None, None, granularity)
     torch.library.opcheck(ops.int8_linear_packed, (torch.randn(2, 5, 41).to(dtype), packed, w_s, b.to(dtype), xs,
                                                    granularity))
     torch.library.opcheck(ops.pack_weight, (w_q,))
@@ -225,8 +219,9 @@ def test_packed_linear_matches_reference(case):
     for kernel in KERNELS:  # every variant this CPU can run (VNNI, AVX2, generic)
         with cpu_kernel(kernel):
             y = ops.int8_linear_packed(x, packed, w_s, b, xs, granularity)
+            y_canonical = ops.int8_linear(x, w_q, w_s, b, xs, granularity)  # prepared from w_q on first use
         assert torch.equal(y, y_ref), f"{kernel}: max abs diff {(y - y_ref).abs().max()}"
-    assert torch.equal(y_ref, ops.int8_linear(x, w_q, w_s, b, xs, granularity))
+        assert torch.equal(y_canonical, y_ref), f"{kernel} (canonical op)"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -244,3 +239,51 @@ def test_packed_linear_thread_count_invariant(threads, kernel):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y, reference.int8_linear_packed(x, packed, w_s, None, None, PER_TOKEN))
+
+
+@pytest.mark.skipif(not NATIVE, reason="the reference library prepares nothing")
+def test_prepared_weight_is_made_once_and_dies_with_its_weight():
+    w_q = torch.randint(-127, 128, (48, 40), dtype=torch.int8)
+    w_s = torch.rand(48) + 0.01
+    x = torch.randn(5, 40)
+    gc.collect()
+    before = prepared_weights()
+    y = ops.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)
+    assert prepared_weights() == before + 1
+    ops.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)  # cache hit: no second entry
+    assert prepared_weights() == before + 1
+    assert torch.equal(y, reference.int8_linear(x, w_q, w_s, None, None, PER_TOKEN))
+    del w_q
+    gc.collect()
+    assert prepared_weights() == before
+
+
+@pytest.mark.skipif(not NATIVE, reason="the reference library prepares nothing")
+def test_in_place_write_to_a_weight_repacks_it():
+    """A stale packed form would silently compute with the old weights."""
+    w_q = torch.randint(-127, 128, (20, 33), dtype=torch.int8)
+    w_s = torch.rand(20) + 0.01
+    x = torch.randn(4, 33)
+    ops.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)
+    w_q[3].neg_()
+    assert torch.equal(ops.int8_linear(x, w_q, w_s, None, None, PER_TOKEN),
+                       reference.int8_linear(x, w_q, w_s, None, None, PER_TOKEN))
+
+
+def test_unknown_kernel_is_named():
+    with pytest.raises(RuntimeError, match="generic, avx2, vnni or auto"):
+        torch.ops.glufx.set_cpu_kernel("sse9")
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernels only")
+def test_env_kernel_is_read_once_at_load():
+    """GLUFX_CPU_KERNEL chooses the default when the library loads; changing it later does nothing
+    (glufx.ops.cpu_kernel switches at run time)."""
+    code = ("import os, torch, glufx; k = torch.ops.glufx.set_cpu_kernel; print(k('auto')); print(k('auto')); "
+            "os.environ['GLUFX_CPU_KERNEL'] = 'generic' if k('auto') != 'generic' else 'avx2'; "
+            "torch.ops.glufx.int8_linear(torch.randn(2, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4)); "
+            "print(k('auto'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GLUFX_CPU_KERNEL": "generic"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "generic"  # the environment chose the kernel at load
+    assert out[1] == out[2]  # and is not read again per call

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -60,6 +61,9 @@ class CalibrationSet:
         return sum(int(b.mask.sum()) if b.mask is not None else 0 for b in self.batches)
 
 
+MIN_TOKENS = 4  # fewer positions give no meaningful max / median of the token-wise absmax
+
+
 def read_texts(path: str | Path) -> list[str]:
     """A .jsonl file (one {"text": ...} per line) or a plain text file, as a list of documents."""
     path = Path(path)
@@ -96,17 +100,45 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, num_samples: int, s
     return [torch.cat([prefix, ids[i * body:(i + 1) * body]]) for i in picks]
 
 
+def _token_rows(t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """Rows of a [L], [1, L] or [N, L] integer tensor; a mask (a tokenizer's attention_mask) drops padding."""
+    if t.dtype not in (torch.long, torch.int32, torch.int64) or t.dim() not in (1, 2):
+        raise ValueError(f"glufx: token calibration data must be [L] or [N, L] integer token ids, got a "
+                         f"{tuple(t.shape)} {t.dtype} tensor")
+    rows = t.long().reshape(-1, t.shape[-1])
+    if mask is None:
+        return list(rows)
+    mask = mask.reshape(rows.shape).bool()
+    return [r[m] for r, m in zip(rows, mask)]
+
+
+def _mapping_ids(d) -> Optional[list[torch.Tensor]]:
+    """input_ids (+ attention_mask) of a tokenizer's BatchEncoding or a plain dict, else None."""
+    try:
+        ids = d["input_ids"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    mask = d.get("attention_mask") if hasattr(d, "get") else None
+    ids = torch.as_tensor(ids)
+    return _token_rows(ids, torch.as_tensor(mask) if mask is not None else None)
+
+
 def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> list[torch.Tensor]:
-    if isinstance(calib_data, (str, Path)):
+    if isinstance(calib_data, Path) or (isinstance(calib_data, str) and _looks_like_path(calib_data)):
+        path = Path(calib_data)
+        if not path.exists():
+            raise FileNotFoundError(f"glufx: calibration file {path} does not exist (pass an existing .txt / .jsonl "
+                                    "path, a list of strings, or token ids)")
         if tokenizer is None:
             raise ValueError("glufx: calibration from a file needs the model's tokenizer: glufx.compile(..., tokenizer=tok)")
-        return token_windows(read_texts(calib_data), tokenizer, seq_len, num_samples)
+        return token_windows(read_texts(path), tokenizer, seq_len, num_samples)
+    if isinstance(calib_data, str):
+        calib_data = [calib_data]
     if isinstance(calib_data, torch.Tensor):
-        if calib_data.dtype != torch.long or calib_data.dim() not in (1, 2):
-            raise ValueError(f"glufx: token calibration data must be a [N, L] or [L] int64 tensor, got "
-                             f"{tuple(calib_data.shape)} {calib_data.dtype}")
-        rows = calib_data.view(-1, calib_data.shape[-1])
-        return [r for r in rows[:num_samples]]
+        return _token_rows(calib_data)[:num_samples]
+    from_mapping = _mapping_ids(calib_data) if not isinstance(calib_data, (list, tuple)) else None
+    if from_mapping is not None:
+        return from_mapping[:num_samples]
     items = list(calib_data)
     if not items:
         return []
@@ -119,10 +151,17 @@ def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> 
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][: seq_len - (bos is not None)]
             seqs.append(torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids)
         return [s for s in seqs if len(s) > 0]
-    if all(isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 1 for t in items):
-        return items[:num_samples]
-    raise TypeError("glufx: for a language model, calib_data must be token ids ([N, L] int64 tensor or a list of "
-                    "1-D tensors), a list of strings (with tokenizer=), or a path to a .txt / .jsonl file")
+    if all(isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() in (1, 2) for t in items):
+        return [r for t in items for r in _token_rows(t)][:num_samples]  # [L] or [1, L] each (tokenizer output)
+    if all(_mapping_ids(t) is not None for t in items):
+        return [r for t in items for r in _mapping_ids(t)][:num_samples]
+    raise TypeError("glufx: for a language model, calib_data must be token ids (an [N, L] tensor, a list of [L] or "
+                    "[1, L] tensors, a tokenizer's BatchEncoding), a list of strings (with tokenizer=), or a path to "
+                    f"a .txt / .jsonl file; got {type(calib_data).__name__} of {type(items[0]).__name__}")
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.endswith((".txt", ".jsonl", ".json", ".raw")) or "/" in s and "\n" not in s and len(s) < 4096
 
 
 def pad_batches(seqs: list[torch.Tensor], batch_size: int, pad_id: int) -> list[Batch]:
@@ -162,6 +201,16 @@ def prepare(model: torch.nn.Module, calib_data: Any, tokenizer=None, *, seq_len:
         if not seqs:
             raise ValueError("glufx: calibration data is empty: pass at least one non-empty sequence "
                              "(the paper calibrates on 512 sequences; 32+ is a practical minimum)")
+        short = [len(s) for s in seqs if len(s) < MIN_TOKENS]
+        advice = ("a spike ratio max/median needs many positions. Pass longer texts (the paper uses 1024 tokens; "
+                  "glufx defaults to seq_len=512) or a file")
+        if len(short) == len(seqs):
+            raise ValueError(f"glufx: every calibration sequence has fewer than {MIN_TOKENS} tokens "
+                             f"(longest: {max(short)}): {advice}")
+        if short:
+            warnings.warn(f"glufx: {len(short)} of {len(seqs)} calibration sequences have fewer than {MIN_TOKENS} "
+                          f"tokens and are left out: {advice}", stacklevel=3)
+            seqs = [s for s in seqs if len(s) >= MIN_TOKENS]
         n_held = min(heldout_samples, len(seqs) // 2)
         score_seqs, held = (seqs[:-n_held], seqs[-n_held:]) if n_held else (seqs, [])
         pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None

@@ -1,0 +1,167 @@
+"""Lower: the one place a plan becomes quantized modules.
+
+`lower(model, plan)` checks the plan against the model (every module exists, with the plan's shapes)
+before changing anything, applies the plan's equivalence transforms (glufx/transforms.py), swaps each
+linear planned "int8" for an `Int8Linear` and, with `fuse_glu`, each fusable GLU module for an
+`Int8GLU`. `glufx.compile`, `glufx.load` (skeleton modules whose state the file fills), QFeM's search
+(`Lowering`, which quantizes each candidate once and swaps modules in and out) and the torch.compile
+backend (`lower_weights`, the same per-module lowering on a graph's weight tensors) all go through it.
+
+The pattern is a module (nn.Linear planned "int8"), the validity check a separate predicate
+(`quantizable`), the replacement `Int8Linear.from_float`; every rewrite bumps `counters`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .nn import FLOAT_DTYPES, Int8GLU, Int8Linear
+from .plan import ModulePlan, Plan
+from .transforms import apply_transforms
+
+counters: Counter = Counter()
+
+
+class PlanMismatchError(ValueError):
+    """The plan does not describe this model (another model's plan, or a model changed since)."""
+
+
+def quantizable(module: nn.Module) -> Optional[str]:
+    """None if glufx can quantize `module`, else why not."""
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear"
+    if module.weight.dtype not in FLOAT_DTYPES:
+        return f"weight dtype {module.weight.dtype} has no INT8 path"
+    return None
+
+
+def _submodule(model: nn.Module, fqn: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
+def _has_parameter(model: nn.Module, fqn: str) -> bool:
+    try:
+        model.get_parameter(fqn)
+        return True
+    except AttributeError:
+        return False
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raise PlanMismatchError naming every planned module the model lacks or holds with other shapes."""
+    problems = []
+    for fqn, mp in plan.modules.items():
+        if mp.kind != "linear":  # an expert bank is a 3-D parameter of its experts module
+            if _submodule(model, fqn) is None and not _has_parameter(model, fqn):
+                problems.append(f"{fqn}: no such module or parameter")
+            continue
+        mod = _submodule(model, fqn)
+        if mod is None:
+            problems.append(f"{fqn}: no such module")
+            continue
+        if isinstance(mod, nn.Linear):
+            shape = (mod.in_features, mod.out_features)
+        elif isinstance(mod, Int8Linear):
+            shape = (mod.in_features, mod.out_features)
+        else:
+            if mp.action == "int8":
+                problems.append(f"{fqn}: planned int8 but the model has a {type(mod).__name__} there")
+            continue
+        if shape != (mp.in_features, mp.out_features):
+            problems.append(f"{fqn}: the model's linear is {shape[0]} -> {shape[1]}, the plan's "
+                            f"{mp.in_features} -> {mp.out_features}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise PlanMismatchError(
+            f"glufx: the plan does not fit this {type(model).__name__}: {shown}. A plan belongs to the model it was "
+            "calibrated on: run glufx.calibrate on this model (or load the plan saved with it)")
+
+
+def lower_weights(weight: torch.Tensor, bias: Optional[torch.Tensor], mp: ModulePlan, skeleton: bool = False) -> Int8Linear:
+    """The Int8Linear for one planned linear's floating-point weight and bias (`skeleton`: shapes only,
+    for state loaded from a file)."""
+    if skeleton:
+        return Int8Linear(weight.shape[1], weight.shape[0], bias is not None, mp.granularity, weight.dtype)
+    return Int8Linear.from_float(weight, bias, mp.granularity, mp.x_scale, what=mp.fqn)
+
+
+def _lower_module(mod: nn.Module, mp: ModulePlan, skeleton: bool) -> Int8Linear:
+    why = quantizable(mod)
+    if why is not None:
+        raise TypeError(f"glufx: the plan quantizes {mp.fqn} but {why}")
+    return lower_weights(mod.weight, mod.bias, mp, skeleton)
+
+
+def lower(model: nn.Module, plan: Plan, *, skeleton: bool = False) -> nn.Module:
+    """Quantize `model` in place as `plan` says; returns it. `skeleton=True` builds the quantized modules
+    with empty state and applies no transform (glufx.load fills them from the saved, transformed state)."""
+    check_plan(model, plan)
+    if not skeleton:
+        apply_transforms(model, plan)
+    for fqn, mp in plan.modules.items():
+        if mp.action != "int8":
+            continue
+        mod = model.get_submodule(fqn)
+        if isinstance(mod, Int8Linear):
+            continue
+        model.set_submodule(fqn, _lower_module(mod, mp, skeleton))
+        counters["int8_linear"] += 1
+        counters[f"int8_linear.{mp.role}"] += 1
+    if plan.config.get("fuse_glu"):
+        fuse_glu_blocks(model, plan)
+    return model
+
+
+class Lowering:
+    """Quantizes each candidate linear once and swaps the INT8 or the original module in on demand
+    (QFeM's search evaluates many exclusion sets on one model)."""
+
+    def __init__(self, model: nn.Module, plan: Plan, fqns: Iterable[str]):
+        self.model = model
+        self.original: dict[str, nn.Module] = {}
+        self.int8: dict[str, Int8Linear] = {}
+        for fqn in fqns:
+            mod = model.get_submodule(fqn)
+            self.original[fqn] = mod
+            self.int8[fqn] = _lower_module(mod, plan.modules[fqn], skeleton=False)
+
+    def apply(self, int8_fqns: Iterable[str]) -> int:
+        chosen = set(int8_fqns)
+        for fqn in self.original:
+            self.model.set_submodule(fqn, self.int8[fqn] if fqn in chosen else self.original[fqn])
+        return len(chosen & set(self.original))
+
+
+def glu_fusable(model: nn.Module, plan: Plan, block: dict) -> Optional[str]:
+    """None if the block's module can become an Int8GLU, else why not."""
+    if not block.get("module"):
+        return "its module computes more than the GLU (or gate and up are one fused projection)"
+    g, u = plan.modules.get(block["gate"]), plan.modules.get(block["up"])
+    if g is None or u is None or g.action != "int8" or u.action != "int8":
+        return "gate or up stays in floating point"
+    if (g.granularity, g.x_scale) != (u.granularity, u.x_scale):
+        return "gate and up quantize their shared input differently"
+    gate, up = _submodule(model, block["gate"]), _submodule(model, block["up"])
+    if not (isinstance(gate, Int8Linear) and isinstance(up, Int8Linear)) or gate.bias is not None or up.bias is not None:
+        return "gate or up is not a bias-free Int8Linear"
+    return None
+
+
+def fuse_glu_blocks(model: nn.Module, plan: Plan) -> int:
+    """Replace each fusable GLU module by an Int8GLU (one op for gate, up, activation and product)."""
+    n = 0
+    for block in plan.glu_blocks:
+        if glu_fusable(model, plan, block) is not None:
+            counters["glu_not_fused"] += 1
+            continue
+        gate, up = model.get_submodule(block["gate"]), model.get_submodule(block["up"])
+        model.set_submodule(block["module"], Int8GLU.from_int8(gate, up, model.get_submodule(block["down"]), block["act"]))
+        counters["glu_fused"] += 1
+        n += 1
+    return n

@@ -1,0 +1,374 @@
+"""Calibration as a recipe: an ordered list of stage configs, each a versioned dataclass validated on
+construction (docs/design.md, "Recipe").
+
+    recipe = Recipe([Observe(), Transform("smooth_up_down", alpha=0.5), DecideGranularity("per_token"),
+                     DecideScales(), DecideQFeM(mode="auto")])
+    plan = glufx.calibrate(model, calib, recipe=recipe, tokenizer=tok)
+
+Each stage reads the model and the current statistics (`Context`) and records what it decided in the
+plan: per module under `ModulePlan.decisions[stage]`, and a summary with its config and time in
+`Plan.stages`. A stage that changes the floating-point model the next stages see (a transform, a
+QFeP prefix) marks the statistics stale, and the runner observes again before any stage reads them:
+QFeP's second pass is an instance of that rule. `GlufxConfig` builds the default recipe.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Optional
+
+from torch import nn
+
+from .calibdata import CalibrationSet, is_causal_lm
+from .capture import capture
+from .match import MatchResult, match_graph
+from .observe import Observer, instrument, run_calibration
+from .ops.schema import GRANULARITIES
+from .plan import ModulePlan, Plan
+from .stats import Statistics, from_observer
+
+STAGE_VERSION = 1
+
+
+class NoGLUError(ValueError):
+    pass
+
+
+@dataclass
+class Context:
+    """What the stages share: the model (and the runner, the model with a QFeP prefix in front when one
+    is active), the calibration data, the latest match and statistics, and the plan being built."""
+
+    model: nn.Module
+    calib: CalibrationSet
+    plan: Plan
+    quantize_lm_head: bool = False
+    require_glu: bool = True
+    progress: bool = True
+    runner: Optional[nn.Module] = None
+    match: Optional[MatchResult] = None
+    stats: Optional[Statistics] = None
+    stale: bool = True  # the model changed since the last observation
+    observations: list[Statistics] = field(default_factory=list)
+    backup: object = None  # transforms.WeightBackup: restores the user's FP weights after calibration
+
+    @property
+    def lm(self) -> bool:
+        return is_causal_lm(self.model)
+
+    def targets(self) -> list[str]:
+        """Linears glufx may quantize: decoder linears, plus the head if asked; never routers."""
+        roles = TARGET_ROLES + (("head",) if self.quantize_lm_head else ())
+        return [f for f, p in self.match.projections.items() if p.kind == "linear" and p.role in roles]
+
+
+TARGET_ROLES = ("gate", "up", "gate_up", "down", "other")
+
+
+@dataclass
+class Stage:
+    """A recipe step. Subclasses are dataclasses of their options; `name` keys their decisions."""
+
+    name: ClassVar[str] = "stage"
+    reads_stats: ClassVar[bool] = True
+
+    def __post_init__(self):
+        version = getattr(self, "version", STAGE_VERSION)
+        if version != STAGE_VERSION:
+            raise ValueError(f"{type(self).__name__} version {version} is not supported (this glufx reads "
+                             f"{STAGE_VERSION})")
+
+    def run(self, ctx: Context) -> dict:  # returns the stage's summary for Plan.stages
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"stage": type(self).__name__, **asdict(self)}
+
+
+@dataclass
+class Observe(Stage):
+    """Capture the model (torch.export), match its GLU blocks and projections, instrument every
+    projection input with an observer node and run the calibration data through it."""
+
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "observe"
+    reads_stats: ClassVar[bool] = False
+
+    def run(self, ctx: Context) -> dict:
+        runner = ctx.runner or ctx.model
+        root = "model." if runner is not ctx.model else ""
+        first = ctx.calib.batches[0]
+        # Calibration never reads the logits: an LM computes the head for one position only, unless
+        # the head itself is a quantization target and needs its input statistics.
+        extra = {"logits_to_keep": 1} if is_causal_lm(runner) and not ctx.quantize_lm_head else {}
+        ep = capture(runner, (first.args, {**first.kwargs, **extra}))
+        gm = ep.module()
+        match = match_graph(gm.graph, strip_root=root)
+        if not match.glu_blocks and ctx.require_glu:
+            raise NoGLUError(
+                f"glufx: no GLU block found in {type(ctx.model).__name__} (looked for two projections of one input, "
+                "SiLU/GELU on one, their product feeding a third projection). QFeM and QFeP target GLU models "
+                "(Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral). To W8A8-quantize this model's linears anyway, pass "
+                "GlufxConfig(require_glu=False).")
+        observer = Observer(match)
+        instrument(gm, match, observer)
+        run_calibration(gm, observer, ctx.calib, extra, progress=ctx.progress)
+        ctx.match = match
+        ctx.stats = from_observer(observer, {"observation": len(ctx.observations),
+                                             "qfep_active": ctx.runner is not None,
+                                             "sequences": ctx.calib.n_sequences, "tokens": ctx.calib.n_tokens})
+        ctx.observations.append(ctx.stats)
+        ctx.stale = False
+        _sync_modules(ctx)
+        return {"observation": len(ctx.observations) - 1, "inputs": len(ctx.stats.inputs),
+                "tokens": ctx.calib.n_tokens, "match": match.counts()}
+
+
+def _sync_modules(ctx: Context) -> None:
+    """Plan entries for every matched projection; refreshed scores, earlier decisions kept."""
+    scores = ctx.stats.scores()
+    targets = set(ctx.targets())
+    why_not = {"head": "output head (kept FP; quantize_lm_head=True to change)", "router": "MoE router",
+               "experts": "MoE expert bank (3-D weights: no INT8 kernel yet)"}
+    for f, p in ctx.match.projections.items():
+        mp = ctx.plan.modules.get(f)
+        if mp is None:
+            int8 = f in targets
+            mp = ModulePlan(fqn=f, action="int8" if int8 else "fp", role=p.role, granularity=None, score=0.0,
+                            reason="W8A8" if int8 else why_not.get(p.role, "not a target"), group=p.group,
+                            in_features=p.in_features, out_features=p.out_features, n_params=p.n_params, kind=p.kind)
+            ctx.plan.modules[f] = mp
+        mp.score = scores.get(f, 0.0)
+    ctx.plan.glu_blocks = [{k: v for k, v in vars(b).items() if k != "mul_node"} for b in ctx.match.glu_blocks]
+
+
+TRANSFORMS = ("identity", "smooth_up_down")
+
+
+@dataclass
+class Transform(Stage):
+    """An FP-equivalent edit of the model (glufx/transforms.py). `identity` changes nothing;
+    `smooth_up_down` moves down_proj's input channel outliers into up_proj's weight at every GLU
+    seam the matcher proved (SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha))."""
+
+    kind: str = "identity"
+    alpha: float = 0.5
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "transform"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in TRANSFORMS:
+            raise ValueError(f"Transform.kind={self.kind!r}; choose one of {TRANSFORMS}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Transform.alpha must lie in [0, 1], got {self.alpha}")
+
+    def run(self, ctx: Context) -> dict:
+        if self.kind == "identity":
+            return {"applied": 0}
+        from . import transforms as T
+
+        by_fqn = ctx.stats.by_fqn()
+        applied, skipped = 0, {}
+        for up_fqn, down_fqn, why in T.up_down_seams(ctx.plan.glu_blocks, ctx.model):
+            st = by_fqn.get(down_fqn)
+            if why is None and (st is None or st.channel_absmax is None):
+                why = "down_proj's input was not observed"
+            if why is not None:
+                skipped[down_fqn] = why
+                continue
+            up, down = ctx.model.get_submodule(up_fqn), ctx.model.get_submodule(down_fqn)
+            s = T.smooth_scales(st.channel_absmax, down.weight.detach().abs().amax(dim=0), self.alpha)
+            before = T.fingerprint(up.weight, down.weight)
+            ctx.backup.save(up_fqn)
+            ctx.backup.save(down_fqn)
+            T.scale_up_down(up, down, s)
+            entry = T.record(ctx.plan, "scale_up_down", up_fqn, down_fqn, s, before,
+                             T.fingerprint(up.weight, down.weight), alpha=self.alpha,
+                             x_absmax_before=float(st.channel_absmax.max()),
+                             x_absmax_after=float((st.channel_absmax / s).max()))
+            for f in (up_fqn, down_fqn):
+                ctx.plan.modules[f].decisions["transform"] = {"kind": entry["kind"], "index": len(ctx.plan.transforms) - 1}
+            applied += 1
+        if applied:
+            ctx.stale = True  # the FP model's activations changed: observe again
+        return {"applied": applied, "skipped": skipped}
+
+
+@dataclass
+class DecideQFeP(Stage):
+    """The quantization-free prefix (docs/method.md §4): search it, cache its KV from the FP model and
+    run every later stage on the model with the prefix in front (which re-observes)."""
+
+    method: str = "paper"
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "qfep"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in ("paper", "prefixquant"):
+            raise ValueError(f"DecideQFeP.method={self.method!r}; choose 'paper' or 'prefixquant'")
+
+    def run(self, ctx: Context) -> dict:
+        from .decide.qfep import search_paper, search_prefixquant
+        from .prefix import PrefixedLM, compute_prefix_kv
+
+        if not ctx.lm:
+            raise ValueError("glufx: QFeP needs a causal language model (a KV cache to hold the prefix); "
+                             "use GlufxConfig(qfep='off') for other modules")
+        by_fqn = ctx.stats.by_fqn()
+        scored = [f for f in ctx.targets() if f in by_fqn]
+        target = max(scored, key=lambda f: by_fqn[f].score)
+        bos = ctx.calib.bos_token_id
+        if self.method == "paper":
+            qfep = search_paper(ctx.model, target, by_fqn[target], ctx.calib, bos)
+        else:
+            downs = [by_fqn[f] for f in scored if ctx.match.projections[f].role == "down"] or [by_fqn[target]]
+            qfep = search_prefixquant(target, downs, bos)
+        ctx.plan.qfep = qfep
+        ctx.runner = PrefixedLM(ctx.model, compute_prefix_kv(ctx.model, qfep["token_ids"]), drop_bos=False)
+        ctx.calib = ctx.calib.without_bos()  # the prefix holds BOS: the user's tokens follow it
+        ctx.stale = True
+        return {"token_ids": qfep["token_ids"], "target": target, "method": self.method}
+
+
+@dataclass
+class DecideGranularity(Stage):
+    """Activation granularity per quantized module: `granularity` for all, `per_module` overrides by FQN."""
+
+    granularity: str = "per_sequence"
+    per_module: dict = field(default_factory=dict)
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "granularity"
+    reads_stats: ClassVar[bool] = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        for g in [self.granularity, *self.per_module.values()]:
+            if g not in GRANULARITIES:
+                raise ValueError(f"DecideGranularity: granularity {g!r}; choose one of {sorted(GRANULARITIES)}")
+
+    def run(self, ctx: Context) -> dict:
+        unknown = sorted(set(self.per_module) - set(ctx.plan.modules))
+        if unknown:
+            raise ValueError(f"DecideGranularity.per_module names modules the model lacks: {unknown[:5]}")
+        for f in ctx.targets():
+            g = self.per_module.get(f, self.granularity)
+            mp = ctx.plan.modules[f]
+            mp.granularity = g if mp.action == "int8" else None
+            mp.decisions["granularity"] = {"granularity": g, "source": "per_module" if f in self.per_module else "default"}
+        return {"granularity": self.granularity, "overrides": len(self.per_module)}
+
+
+@dataclass
+class DecideScales(Stage):
+    """Static activation scales (absmax / 127 of the calibration inputs) for modules whose granularity
+    is static; the observed absmax is recorded for every target."""
+
+    method: str = "absmax"
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "scales"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method != "absmax":
+            raise ValueError(f"DecideScales.method={self.method!r}; this glufx has 'absmax'")
+
+    def run(self, ctx: Context) -> dict:
+        by_fqn = ctx.stats.by_fqn()
+        n = 0
+        for f in ctx.targets():
+            mp, st = ctx.plan.modules[f], by_fqn.get(f)
+            absmax = st.absmax if st is not None else 0.0
+            static = mp.decisions.get("granularity", {}).get("granularity") == "static"
+            mp.x_scale = absmax / 127.0 if static and absmax > 0 else None
+            if static and mp.x_scale is None and mp.action == "int8":
+                raise ValueError(f"glufx: {f} saw only zeros in calibration: no static scale; give it another "
+                                 "granularity (DecideGranularity(per_module=...)) or other calibration data")
+            mp.decisions["scales"] = {"method": self.method, "absmax": absmax, "x_scale": mp.x_scale}
+            n += mp.x_scale is not None
+        return {"static_scales": n}
+
+
+QFEM_MODES = ("auto", "alpha", "budget", "off")
+
+
+@dataclass
+class DecideQFeM(Stage):
+    """Which linears keep FP activations (docs/method.md §3): `auto` walks score-sorted sibling groups
+    measuring held-out KL to the FP model, `alpha` keeps score > alpha, `budget` the top scores up to
+    `max_fp_param_share`, `off` none."""
+
+    mode: str = "auto"
+    alpha: Optional[float] = None
+    max_fp_param_share: float = 0.10
+    tolerance: float = 0.10
+    max_search_steps: int = 12
+    min_score: float = 2.0
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "qfem"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in QFEM_MODES:
+            raise ValueError(f"DecideQFeM.mode={self.mode!r}; choose one of {QFEM_MODES}")
+        if self.mode == "alpha" and (self.alpha is None or self.alpha <= 0):
+            raise ValueError("DecideQFeM(mode='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
+        if not 0.0 <= self.max_fp_param_share <= 1.0:
+            raise ValueError(f"DecideQFeM.max_fp_param_share must lie in [0, 1], got {self.max_fp_param_share}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"DecideQFeM.tolerance must lie in [0, 1), got {self.tolerance}")
+        if self.max_search_steps < 1:
+            raise ValueError("DecideQFeM.max_search_steps must be >= 1")
+
+    def run(self, ctx: Context) -> dict:
+        from .decide.qfem import decide_qfem
+
+        return decide_qfem(ctx, self)
+
+
+@dataclass
+class Recipe:
+    stages: list[Stage]
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("glufx: a recipe needs at least one stage")
+        bad = [s for s in self.stages if not isinstance(s, Stage)]
+        if bad:
+            raise TypeError(f"glufx: recipe stages must be glufx.recipe.Stage configs, got {type(bad[0]).__name__}")
+        names = [s.name for s in self.stages if s.name != "observe"]
+        dup = sorted({n for n in names if names.count(n) > 1} - {"transform"})
+        if dup:
+            raise ValueError(f"glufx: a recipe holds each decision stage once; repeated: {dup}")
+        order = [s.name for s in self.stages]
+        for needs, first in (("qfem", "granularity"), ("scales", "granularity")):
+            if needs in order and (first not in order or order.index(first) > order.index(needs)):
+                raise ValueError(f"glufx: the recipe's {needs} stage needs a {first} stage before it "
+                                 f"(stages: {order})")
+        if "qfem" in order and "scales" in order and order.index("scales") > order.index("qfem"):
+            raise ValueError("glufx: DecideScales must come before DecideQFeM (QFeM's search runs the "
+                             "quantized model, static scales included)")
+
+    def to_dict(self) -> list[dict]:
+        return [s.to_dict() for s in self.stages]
+
+    def run(self, ctx: Context) -> Plan:
+        for i, stage in enumerate(self.stages):
+            if stage.reads_stats and ctx.stale:
+                self._timed(Observe(), ctx, f"{i}:auto")  # statistics of the model as it now is
+            self._timed(stage, ctx, str(i))
+        if ctx.match is None:
+            raise ValueError("glufx: the recipe never observed the model; start it with Observe()")
+        unset = [f for f, m in ctx.plan.modules.items() if m.action == "int8" and m.granularity is None]
+        if unset:
+            raise ValueError(f"glufx: the recipe left {len(unset)} INT8 modules without an activation granularity "
+                             f"(e.g. {unset[0]}); add DecideGranularity(...) to it")
+        return ctx.plan
+
+    @staticmethod
+    def _timed(stage: Stage, ctx: Context, index: str) -> None:
+        t0 = time.perf_counter()
+        summary = stage.run(ctx)
+        ctx.plan.stages.append({**stage.to_dict(), "index": index, "seconds": time.perf_counter() - t0,
+                                "summary": summary})
