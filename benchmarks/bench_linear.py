@@ -10,6 +10,8 @@ Int8DynamicActivationInt8WeightConfig under torch.compile; PT2E with X86Inductor
 W8A8) compiled with Inductor freezing (oneDNN). `-k "not pt2e and not torchao"` skips the compiled
 baselines (each compiles once per case).
 """
+import os
+
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
@@ -20,6 +22,11 @@ from glufx.ops import PER_TOKEN
 SHAPES = [(640, 2048), (2048, 640), (896, 4864), (4864, 896), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 512]
 THREADS = [1, 2]
+# A smaller grid for a quick table: GLUFX_BENCH_SHAPES="2048x640,4096x11008" GLUFX_BENCH_MS="1,128"
+if os.environ.get("GLUFX_BENCH_SHAPES"):
+    SHAPES = [tuple(map(int, s.split("x"))) for s in os.environ["GLUFX_BENCH_SHAPES"].split(",")]
+if os.environ.get("GLUFX_BENCH_MS"):
+    MS = [int(m) for m in os.environ["GLUFX_BENCH_MS"].split(",")]
 IMPLS = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx"]
 
 
