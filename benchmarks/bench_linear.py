@@ -60,28 +60,25 @@ def _pt2e_x86(lin: torch.nn.Linear, x: torch.Tensor):
     return compiled
 
 
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    return lin
+
+
 def _make(impl: str, w: torch.Tensor, x: torch.Tensor):
-    N, K = w.shape
     if impl == "fp32_linear":
         return lambda x: torch.nn.functional.linear(x, w)
     if impl == "fp32_numpy":
         wt = w.numpy().T.copy()
         return lambda x: x.numpy() @ wt
     if impl == "fbgemm_dynamic":
-        lin = torch.nn.Linear(K, N, bias=False)
-        lin.weight.data.copy_(w)
-        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        return q
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(_linear(w)), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
     if impl == "torchao_int8":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        lin = torch.nn.Linear(K, N, bias=False)
-        lin.weight.data.copy_(w)
-        return _torchao_compiled(lin)
+        return _torchao_compiled(_linear(w))
     if impl == "pt2e_x86":
-        lin = torch.nn.Linear(K, N, bias=False)
-        lin.weight.data.copy_(w)
-        return _pt2e_x86(lin, x)
+        return _pt2e_x86(_linear(w), x)
     # what an Int8Linear runs: canonical INT8 weight, packed once on first use (prepared form)
     w_q, w_s = torch.ops.glufx.quantize_weight(w)
     return lambda x: torch.ops.glufx.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)

@@ -68,7 +68,8 @@ def read_texts(path: str | Path) -> list[str]:
     """A .jsonl file (one {"text": ...} per line) or a plain text file, as a list of documents."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"glufx: calibration file {path} does not exist")
+        raise FileNotFoundError(f"glufx: calibration file {path} does not exist (pass an existing .txt / .jsonl "
+                                "path, a list of strings, or token ids)")
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             return [json.loads(line)["text"] for line in f if line.strip()]
@@ -124,16 +125,11 @@ def _mapping_ids(d) -> Optional[list[torch.Tensor]]:
 
 
 def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> list[torch.Tensor]:
-    if isinstance(calib_data, Path) or (isinstance(calib_data, str) and _looks_like_path(calib_data)):
-        path = Path(calib_data)
-        if not path.exists():
-            raise FileNotFoundError(f"glufx: calibration file {path} does not exist (pass an existing .txt / .jsonl "
-                                    "path, a list of strings, or token ids)")
+    if isinstance(calib_data, (str, Path)):
+        texts = read_texts(calib_data)  # a missing file is named before anything asks for a tokenizer
         if tokenizer is None:
             raise ValueError("glufx: calibration from a file needs the model's tokenizer: glufx.compile(..., tokenizer=tok)")
-        return token_windows(read_texts(path), tokenizer, seq_len, num_samples)
-    if isinstance(calib_data, str):
-        calib_data = [calib_data]
+        return token_windows(texts, tokenizer, seq_len, num_samples)
     if isinstance(calib_data, torch.Tensor):
         return _token_rows(calib_data)[:num_samples]
     from_mapping = _mapping_ids(calib_data) if not isinstance(calib_data, (list, tuple)) else None
@@ -153,15 +149,13 @@ def lm_sequences(calib_data: Any, tokenizer, seq_len: int, num_samples: int) -> 
         return [s for s in seqs if len(s) > 0]
     if all(isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() in (1, 2) for t in items):
         return [r for t in items for r in _token_rows(t)][:num_samples]  # [L] or [1, L] each (tokenizer output)
-    if all(_mapping_ids(t) is not None for t in items):
-        return [r for t in items for r in _mapping_ids(t)][:num_samples]
+    mappings = [_mapping_ids(t) for t in items]
+    if all(m is not None for m in mappings):
+        return [r for m in mappings for r in m][:num_samples]
     raise TypeError("glufx: for a language model, calib_data must be token ids (an [N, L] tensor, a list of [L] or "
                     "[1, L] tensors, a tokenizer's BatchEncoding), a list of strings (with tokenizer=), or a path to "
                     f"a .txt / .jsonl file; got {type(calib_data).__name__} of {type(items[0]).__name__}")
 
-
-def _looks_like_path(s: str) -> bool:
-    return s.endswith((".txt", ".jsonl", ".json", ".raw")) or "/" in s and "\n" not in s and len(s) < 4096
 
 
 def pad_batches(seqs: list[torch.Tensor], batch_size: int, pad_id: int) -> list[Batch]:

@@ -5,10 +5,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .ops.schema import GRANULARITIES
+from .recipe import (QFEM_MODES, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe,
+                     Recipe, Transform)
+from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
 CONFIG_VERSION = 1
-QFEM_MODES = ("auto", "alpha", "budget", "off")
-QFEP_METHODS = ("off", "paper", "prefixquant")
+QFEP_METHODS = ("off",) + _PREFIX_METHODS
 
 
 @dataclass
@@ -55,8 +57,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.qfep={self.qfep!r}; choose one of {QFEP_METHODS}")
         if self.qfem == "alpha" and (self.alpha is None or self.alpha <= 0):
             raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
-        if self.transform not in ("identity", "smooth_up_down"):
-            raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose 'identity' or 'smooth_up_down'")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
         if self.alpha is not None and self.qfem == "auto":
             self.qfem = "alpha"
         for name in ("num_samples", "seq_len", "batch_size", "max_search_steps"):
@@ -69,11 +71,8 @@ class GlufxConfig:
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"GlufxConfig.tolerance must lie in [0, 1), got {self.tolerance}")
 
-    def recipe(self):
+    def recipe(self) -> Recipe:
         """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
-        from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe, Recipe,
-                             Transform)
-
         stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha)]
         if self.qfep != "off":
             stages.append(DecideQFeP(self.qfep))

@@ -65,9 +65,7 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
         if mod is None:
             problems.append(f"{fqn}: no such module")
             continue
-        if isinstance(mod, nn.Linear):
-            shape = (mod.in_features, mod.out_features)
-        elif isinstance(mod, Int8Linear):
+        if isinstance(mod, (nn.Linear, Int8Linear)):
             shape = (mod.in_features, mod.out_features)
         else:
             if mp.action == "int8":
@@ -142,12 +140,17 @@ def glu_fusable(model: nn.Module, plan: Plan, block: dict) -> Optional[str]:
     """None if the block's module can become an Int8GLU, else why not."""
     if not block.get("module"):
         return "its module computes more than the GLU (or gate and up are one fused projection)"
+    return gate_up_fusable(plan, block, _submodule(model, block["gate"]), _submodule(model, block["up"]))
+
+
+def gate_up_fusable(plan: Plan, block: dict, gate: Optional[nn.Module], up: Optional[nn.Module]) -> Optional[str]:
+    """None if the lowered `gate` and `up` of a plain GLU block can run as one int8_glu, else why not
+    (glufx.lower and the torch.compile backend both ask this)."""
     g, u = plan.modules.get(block["gate"]), plan.modules.get(block["up"])
     if g is None or u is None or g.action != "int8" or u.action != "int8":
         return "gate or up stays in floating point"
     if (g.granularity, g.x_scale) != (u.granularity, u.x_scale):
         return "gate and up quantize their shared input differently"
-    gate, up = _submodule(model, block["gate"]), _submodule(model, block["up"])
     if not (isinstance(gate, Int8Linear) and isinstance(up, Int8Linear)) or gate.bias is not None or up.bias is not None:
         return "gate or up is not a bias-free Int8Linear"
     return None

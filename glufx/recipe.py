@@ -28,6 +28,11 @@ from .plan import ModulePlan, Plan
 from .stats import Statistics, from_observer
 
 STAGE_VERSION = 1
+# the choices of the stages' options (GlufxConfig offers the same ones)
+TRANSFORMS = ("identity", "smooth_up_down")
+QFEP_METHODS = ("paper", "prefixquant")
+SCALE_METHODS = ("absmax",)
+QFEM_MODES = ("auto", "alpha", "budget", "off")
 
 
 class NoGLUError(ValueError):
@@ -80,6 +85,10 @@ class Stage:
 
     def run(self, ctx: Context) -> dict:  # returns the stage's summary for Plan.stages
         raise NotImplementedError
+
+    def _choose(self, option: str, choices: tuple) -> None:
+        if getattr(self, option) not in choices:
+            raise ValueError(f"{type(self).__name__}.{option}={getattr(self, option)!r}; choose one of {choices}")
 
     def to_dict(self) -> dict:
         return {"stage": type(self).__name__, **asdict(self)}
@@ -142,7 +151,6 @@ def _sync_modules(ctx: Context) -> None:
     ctx.plan.glu_blocks = [{k: v for k, v in vars(b).items() if k != "mul_node"} for b in ctx.match.glu_blocks]
 
 
-TRANSFORMS = ("identity", "smooth_up_down")
 
 
 @dataclass
@@ -158,8 +166,7 @@ class Transform(Stage):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kind not in TRANSFORMS:
-            raise ValueError(f"Transform.kind={self.kind!r}; choose one of {TRANSFORMS}")
+        self._choose("kind", TRANSFORMS)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"Transform.alpha must lie in [0, 1], got {self.alpha}")
 
@@ -206,8 +213,7 @@ class DecideQFeP(Stage):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in ("paper", "prefixquant"):
-            raise ValueError(f"DecideQFeP.method={self.method!r}; choose 'paper' or 'prefixquant'")
+        self._choose("method", QFEP_METHODS)
 
     def run(self, ctx: Context) -> dict:
         from .decide.qfep import search_paper, search_prefixquant
@@ -271,8 +277,7 @@ class DecideScales(Stage):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method != "absmax":
-            raise ValueError(f"DecideScales.method={self.method!r}; this glufx has 'absmax'")
+        self._choose("method", SCALE_METHODS)
 
     def run(self, ctx: Context) -> dict:
         by_fqn = ctx.stats.by_fqn()
@@ -290,7 +295,6 @@ class DecideScales(Stage):
         return {"static_scales": n}
 
 
-QFEM_MODES = ("auto", "alpha", "budget", "off")
 
 
 @dataclass
@@ -310,8 +314,7 @@ class DecideQFeM(Stage):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mode not in QFEM_MODES:
-            raise ValueError(f"DecideQFeM.mode={self.mode!r}; choose one of {QFEM_MODES}")
+        self._choose("mode", QFEM_MODES)
         if self.mode == "alpha" and (self.alpha is None or self.alpha <= 0):
             raise ValueError("DecideQFeM(mode='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
         if not 0.0 <= self.max_fp_param_share <= 1.0:

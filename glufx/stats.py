@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .observe import InputStats
 
 STATS_VERSION = 1

@@ -12,7 +12,7 @@ read off the matched graph (a GLUBlock with its own up projection), never from m
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -59,10 +59,10 @@ def record(plan: Plan, kind: str, producer: str, consumer: str, s: torch.Tensor,
     return entry
 
 
-def transform_state(model: nn.Module, entry: dict) -> str:
-    """'before', 'after' (the model already carries it) or 'other' (a model this plan does not describe)."""
-    fp = fingerprint(model.get_submodule(entry["producer"]).weight,
-                     *(model.get_submodule(c).weight for c in entry["consumers"]))
+def transform_state(entry: dict, weight_of: Callable[[str], torch.Tensor]) -> str:
+    """'before', 'after' (the weights already carry it) or 'other' (weights this plan does not describe);
+    `weight_of(fqn)` gives a touched module's weight (from a model, or a dynamo graph's inputs)."""
+    fp = fingerprint(*(weight_of(f) for f in (entry["producer"], *entry["consumers"])))
     if _same(fp, entry["fingerprint_after"]):
         return "after"
     if _same(fp, entry["fingerprint_before"]):
@@ -74,7 +74,7 @@ def apply_transforms(model: nn.Module, plan: Plan) -> int:
     """Replay the plan's transforms on `model` (skipping those it already carries); returns how many ran."""
     n = 0
     for entry in plan.transforms:
-        state = transform_state(model, entry)
+        state = transform_state(entry, lambda fqn: model.get_submodule(fqn).weight)
         if state == "after":
             continue
         if state == "other":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import glufx
-from glufx.lower import counters, glu_fusable
+from glufx.lower import counters
 
 from conftest import CFG, tiny_model
 

@@ -344,6 +344,40 @@ void packed_gemm(const at::Tensor& x2d, int64_t rows_per_sequence, const at::Ten
   }
 }
 
+// Both linear ops (explicit layout and canonical) end here: x [..., K] -> [..., N] in x's dtype.
+at::Tensor linear_on_packed(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
+                            int64_t granularity, const char* op) {
+  const int64_t N = w_scale.numel();
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
+  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr, op);
+  return to_output(out, x, N);
+}
+
+void check_activation(c10::string_view activation, const char* op) {
+  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh", "glufx::", op,
+              ": activation must be silu, gelu or gelu_tanh, got ", std::string(activation));
+}
+
+// Both GLU ops end here: gate and up in one pass over one quantized x (their 16-channel blocks
+// interleave in w_packed), then act(gate) * up by ATen's kernels in x's dtype: the same bits as the
+// two linears and the model's own activation and product, so fusing changes no result.
+at::Tensor glu_on_packed(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale, int64_t hidden,
+                         c10::string_view activation, const c10::optional<at::Tensor>& x_scale, int64_t granularity,
+                         const char* op) {
+  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
+  at::Tensor up = at::empty_like(gate);
+  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, granularity, gate, &up,
+              op);
+  gate = to_output(gate, x, hidden);
+  up = to_output(up, x, hidden);
+  if (activation == "silu") return at::silu(gate).mul_(up);
+  return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
+}
+
 void check_packed(const at::Tensor& w_packed, const char* op) {
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 4 && w_packed.size(2) == kNR &&
                   w_packed.size(3) == kKQ && w_packed.is_contiguous(),
@@ -359,17 +393,9 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && NB == (N + kNR - 1) / kNR && Kp == round_up(K, kKQ),
               "glufx::int8_linear_packed: packed weight [", NB * kNR, ", ", Kp, "] does not fit ", N,
               " channels of ", K, " features");
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
-  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr,
-              "int8_linear_packed");
-  return to_output(out, x, N);
+  return linear_on_packed(x, w_packed, w_scale, bias, x_scale, granularity, "int8_linear_packed");
 }
 
-// gate and up in one pass over one quantized x (their 16-channel blocks interleave in w_packed), then
-// act(gate) * up by ATen's kernels in x's dtype: the same bits as the two linears and the model's own
-// activation and product, so fusing changes no result.
 at::Tensor int8_glu_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale, int64_t hidden,
                                c10::string_view activation, const c10::optional<at::Tensor>& x_scale,
                                int64_t granularity) {
@@ -380,17 +406,8 @@ at::Tensor int8_glu_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, 
                   w_scale.numel() == NB * kNR && Kp == round_up(K, kKQ),
               "glufx::int8_glu_packed: packed weight [", NB * kNR, ", ", Kp, "] is not gate and up of ", hidden,
               " channels over ", K, " features (pack them with glufx.nn.pack_glu)");
-  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh",
-              "glufx::int8_glu_packed: activation must be silu, gelu or gelu_tanh, got ", activation);
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
-  at::Tensor up = at::empty_like(gate);
-  packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, granularity, gate, &up,
-              "int8_glu_packed");
-  gate = to_output(gate, x, hidden);
-  up = to_output(up, x, hidden);
-  if (activation == "silu") return at::silu(gate).mul_(up);
-  return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
+  check_activation(activation, "int8_glu_packed");
+  return glu_on_packed(x, w_packed, w_scale, hidden, activation, x_scale, granularity, "int8_glu_packed");
 }
 
 
@@ -419,12 +436,15 @@ WeightRef ref_of(const at::Tensor& t) {
           t.sizes().vec(), t.strides().vec(), t.unsafeGetTensorImpl(), version_of(t)};
 }
 
-// Same storage, view and (for the same tensor object) version. A new tensor object over the same
-// storage (AOTInductor hands constants as fresh handles) is the same weight.
-bool still_matches(WeightRef& r, const at::Tensor& t) {
-  if (r.storage.expired() || r.storage._unsafe_get_target() != t.storage().unsafeGetStorageImpl() ||
-      r.data != t.data_ptr() || r.sizes != t.sizes().vec() || r.strides != t.strides().vec())
-    return false;
+// The same view of the same live storage (compared without allocating: this runs on every call).
+bool same_view(const WeightRef& r, const at::Tensor& t) {
+  return !r.storage.expired() && r.storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+         r.data == t.data_ptr() && t.sizes() == c10::IntArrayRef(r.sizes) && t.strides() == c10::IntArrayRef(r.strides);
+}
+
+// Unchanged since it was packed: the same tensor object at the same version. A new tensor object over
+// the same view (AOTInductor hands constants as fresh handles) is the same weight; it is adopted.
+bool unchanged(WeightRef& r, const at::Tensor& t) {
   const int64_t v = version_of(t);
   if (r.impl == t.unsafeGetTensorImpl()) return r.version == v;
   r.impl = t.unsafeGetTensorImpl();
@@ -452,11 +472,14 @@ std::pair<at::Tensor, at::Tensor> prepared(const std::vector<at::Tensor>& weight
   std::lock_guard<std::mutex> lock(g_prepared_mutex);
   auto& bucket = g_prepared[weights[0].data_ptr()];
   for (auto it = bucket.begin(); it != bucket.end();) {
-    bool hit = it->refs.size() == weights.size();
-    for (size_t i = 0; hit && i < weights.size(); ++i) hit = still_matches(it->refs[i], weights[i]);
-    if (hit) return {it->packed, it->scale};
-    // Same first storage, same arity, no match: a stale form of this weight (written in place).
-    it = expired(*it) || it->refs.size() == weights.size() ? bucket.erase(it) : it + 1;
+    bool same = it->refs.size() == weights.size();
+    for (size_t i = 0; same && i < weights.size(); ++i) same = same_view(it->refs[i], weights[i]);
+    bool fresh = same;
+    for (size_t i = 0; fresh && i < weights.size(); ++i) fresh = unchanged(it->refs[i], weights[i]);
+    if (fresh) return {it->packed, it->scale};
+    // Drop a stale form of these weights (written in place) and entries of freed ones; another view
+    // starting at the same address (a slice of a fused weight) keeps its own entry.
+    it = same || expired(*it) ? bucket.erase(it) : it + 1;
   }
   // Drop entries of freed weights elsewhere too, so the cache never outgrows the live models.
   for (auto it = g_prepared.begin(); it != g_prepared.end();) {
@@ -498,12 +521,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "glufx::int8_linear: bias has ", bias->numel(),
               " elements, expected ", N);
   const auto prep = prepared({w_q}, [&] { return std::make_pair(pack_weight_cpu(w_q.contiguous()), at::Tensor()); });
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
-  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  packed_gemm(x2d, rows_per_sequence, prep.first, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr,
-              "int8_linear");
-  return to_output(out, x, N);
+  return linear_on_packed(x, prep.first, w_scale, bias, x_scale, granularity, "int8_linear");
 }
 
 // gate's and up's 16-channel blocks interleaved (gate block, up block, ...), channels padded to 16
@@ -521,9 +539,7 @@ std::pair<at::Tensor, at::Tensor> pack_glu(const at::Tensor& w_gate, const at::T
   return {pack_weight_cpu(w.contiguous()), s};
 }
 
-// act(x W_gate^T) * (x W_up^T) from one quantization of x, both projections in one pass over the
-// prepared interleaved weight; act and product by ATen's kernels in x's dtype, so the result has the
-// bits of the two linears followed by the model's own activation and product.
+// act(x W_gate^T) * (x W_up^T) on the prepared interleaved form of gate's and up's canonical weights.
 at::Tensor int8_glu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& s_gate, const at::Tensor& w_up,
                         const at::Tensor& s_up, c10::string_view activation, const c10::optional<at::Tensor>& x_scale,
                         int64_t granularity) {
@@ -532,21 +548,11 @@ at::Tensor int8_glu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at:
   check_canonical(w_up, s_up, x.size(-1), "int8_glu", "w_up");
   TORCH_CHECK(w_gate.size(0) == w_up.size(0), "glufx::int8_glu: gate has ", w_gate.size(0), " channels, up ",
               w_up.size(0));
-  TORCH_CHECK(activation == "silu" || activation == "gelu" || activation == "gelu_tanh",
-              "glufx::int8_glu: activation must be silu, gelu or gelu_tanh, got ", std::string(activation));
-  const int64_t hidden = w_gate.size(0);
+  check_activation(activation, "int8_glu");
   const auto prep = prepared({w_gate, s_gate, w_up, s_up}, [&] {
     return pack_glu(w_gate.contiguous(), s_gate.contiguous(), w_up.contiguous(), s_up.contiguous());
   });
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
-  at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
-  at::Tensor up = at::empty_like(gate);
-  packed_gemm(x2d, rows_per_sequence, prep.first, prep.second, at::Tensor(), x_scale, granularity, gate, &up,
-              "int8_glu");
-  gate = to_output(gate, x, hidden);
-  up = to_output(up, x, hidden);
-  if (activation == "silu") return at::silu(gate).mul_(up);
-  return at::gelu(gate, activation == "gelu_tanh" ? "tanh" : "none").mul_(up);
+  return glu_on_packed(x, prep.first, prep.second, w_gate.size(0), activation, x_scale, granularity, "int8_glu");
 }
 
 }  // namespace

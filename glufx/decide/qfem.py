@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..calibdata import Batch, is_causal_lm
 from ..lower import Lowering
 
+
 class HeldoutMetric:
     """Divergence of a (partly) quantized model from the floating-point one on held-out sequences.
 

@@ -24,11 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from ..lower import lower_weights
+from ..lower import gate_up_fusable, lower_weights
 from ..match import is_linear, match_graph, module_fqn, projection_input
 from ..nn import Int8Linear
 from ..ops.schema import GRANULARITIES
 from ..plan import Plan
+from ..transforms import transform_state
 from .inductor import compile_graph
 
 counters: Counter = Counter()
@@ -90,7 +91,7 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
         _check_transforms(gm, example_inputs, plan)
     value_of = {n: v for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)}
     nodes = {n.name: n for n in gm.graph.nodes}
-    lowered: dict[str, Int8Linear] = {}  # linear node name -> its lowered module
+    lowered: dict[str, tuple[str, Int8Linear]] = {}  # linear node name -> (planned FQN, its lowered module)
     n_rewritten, skipped = 0, []
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and is_linear(node)) or projection_input(node) is None:
@@ -132,20 +133,20 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
 
 
 def _fuse_glus(gm: fx.GraphModule, plan: Plan, nodes: dict, lowered: dict) -> set:
-    """GLU products whose gate and up are both lowered with one activation quantization -> int8_glu."""
+    """GLU products whose gate and up are both lowered with one activation quantization -> int8_glu
+    (the predicate glufx.lower asks before building an Int8GLU)."""
     fused = set()
-    blocks = {b["module"]: b for b in plan.glu_blocks if b.get("module")}
+    plain = {b["gate"]: b for b in plan.glu_blocks if b.get("module")}
+    node_of = {key: name for name, (key, _) in lowered.items()}  # planned FQN -> its lowered linear node
     for block in match_graph(gm.graph).glu_blocks:
         if block.fused or block.moe or block.mul_node is None:
             continue
-        key = _plan_key(block.gate, plan)
-        plan_block = next((b for b in blocks.values() if b["gate"] == key), None)
-        gate = next(((n, km) for n, km in lowered.items() if km[0] == key), None)
-        up = next(((n, km) for n, km in lowered.items() if km[0] == _plan_key(block.up, plan)), None)
-        if plan_block is None or gate is None or up is None:
+        plan_block = plain.get(_plan_key(block.gate, plan))
+        if plan_block is None or plan_block["gate"] not in node_of or plan_block["up"] not in node_of:
             continue
-        (gn, (_, g)), (un, (_, u)) = gate, up
-        if (g.granularity, g.bias, u.bias) != (u.granularity, None, None) or not _same_scale(g, u):
+        gn, un = node_of[plan_block["gate"]], node_of[plan_block["up"]]
+        g, u = lowered[gn][1], lowered[un][1]
+        if gate_up_fusable(plan, plan_block, g, u) is not None:
             continue
         mul = nodes[block.mul_node]
         prefix = "glufx_" + plan_block["module"].replace(".", "_")
@@ -162,16 +163,9 @@ def _fuse_glus(gm: fx.GraphModule, plan: Plan, nodes: dict, lowered: dict) -> se
     return fused
 
 
-def _same_scale(a: Int8Linear, b: Int8Linear) -> bool:
-    return (a.x_scale is None and b.x_scale is None) or (
-        a.x_scale is not None and b.x_scale is not None and torch.equal(a.x_scale, b.x_scale))
-
-
 def _check_transforms(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> None:
     """A plan with transforms lowers a model that carries them (glufx.prefixed(model, plan) applies them):
     quantizing the untransformed weights with the transformed model's scales would be silently wrong."""
-    from ..transforms import fingerprint
-
     by_fqn = {}
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
         for user in node.users:
@@ -180,12 +174,9 @@ def _check_transforms(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> N
                 if key is not None:
                     by_fqn[key] = value
     for entry in plan.transforms:
-        fqns = [entry["producer"], *entry["consumers"]]
-        if not all(f in by_fqn for f in fqns):
+        if not all(f in by_fqn for f in (entry["producer"], *entry["consumers"])):
             continue
-        from ..transforms import _same
-
-        if not _same(fingerprint(*(by_fqn[f] for f in fqns)), entry["fingerprint_after"]):
+        if transform_state(entry, by_fqn.__getitem__) != "after":
             raise ValueError("glufx backend: the plan has equivalence transforms the compiled model does not carry; "
                              'compile torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
                              "(glufx.prefixed applies the plan's transforms and QFeP prefix)")

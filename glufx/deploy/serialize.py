@@ -15,6 +15,8 @@ from torch import nn
 from ..lower import lower
 from ..plan import Plan
 from ..prefix import PrefixedLM, PrefixKV
+from ..stats import JSON_FILE as STATS_FILE
+from ..stats import Statistics
 
 PLAN_FILE, WEIGHTS_FILE, PREFIX_FILE = "glufx_plan.json", "model.safetensors", "prefix.safetensors"
 
@@ -53,9 +55,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     model.eval()
     lower(model, plan, skeleton=True)  # the quantized modules, empty; the file holds their state
     load_model(model, str(path / WEIGHTS_FILE), strict=True)
-    from ..stats import JSON_FILE, Statistics
-
-    if (path / JSON_FILE).exists():
+    if (path / STATS_FILE).exists():
         plan.stats = Statistics.load(path)
     if (path / PREFIX_FILE).exists():
         model = PrefixedLM(model, PrefixKV.load(path / PREFIX_FILE))

@@ -109,11 +109,8 @@ def int8_glu_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tens
     K = x.shape[-1]
     w = unpack_weight(w_packed, w_scale.numel(), K).view(-1, 2, PACK_NR, K)
     s = w_scale.view(-1, 2, PACK_NR)
-    gate = int8_linear(x, w[:, 0].reshape(-1, K)[:hidden], s[:, 0].reshape(-1)[:hidden], None, x_scale, granularity)
-    up = int8_linear(x, w[:, 1].reshape(-1, K)[:hidden], s[:, 1].reshape(-1)[:hidden], None, x_scale, granularity)
-    if activation == "silu":
-        return F.silu(gate) * up
-    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+    return int8_glu(x, w[:, 0].reshape(-1, K)[:hidden], s[:, 0].reshape(-1)[:hidden],
+                    w[:, 1].reshape(-1, K)[:hidden], s[:, 1].reshape(-1)[:hidden], activation, x_scale, granularity)
 
 
 def int8_glu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor, w_up: torch.Tensor, s_up: torch.Tensor,
