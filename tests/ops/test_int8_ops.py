@@ -287,3 +287,18 @@ def test_env_kernel_is_read_once_at_load():
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "generic"  # the environment chose the kernel at load
     assert out[1] == out[2]  # and is not read again per call
+
+
+@pytest.mark.skipif(not NATIVE, reason="the reference library prepares nothing")
+def test_views_at_one_address_keep_their_own_prepared_forms():
+    """A slice of a weight starts at the weight's address: neither may evict the other's packed form
+    (each call would repack otherwise)."""
+    w_q = torch.randint(-127, 128, (40, 33), dtype=torch.int8)
+    head = w_q[:20]
+    x = torch.randn(3, 33)
+    gc.collect()
+    before = prepared_weights()
+    for w in (w_q, head, w_q, head):
+        y = ops.int8_linear(x, w, torch.ones(w.shape[0]), None, None, PER_TOKEN)
+        assert torch.equal(y, reference.int8_linear(x, w, torch.ones(w.shape[0]), None, None, PER_TOKEN))
+    assert prepared_weights() == before + 2
