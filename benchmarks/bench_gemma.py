@@ -21,10 +21,10 @@ def models():
     from importlib.resources import files
 
     plan = glufx.calibrate(model, str(files("glufx") / "resources" / "calib_openwebtext.jsonl"), cfg, tokenizer=tok)
-    fused = glufx.Plan.from_dict({**plan.to_dict(), "config": {**plan.config, "fuse_glu": True}})
+    fused = glufx.Plan.from_dict({**plan.to_dict(), "config": {**plan.config, "fuse_glu": True}}, plan.tensors)
     # the same quantized model with a 3-token QFeP prefix in front: |P| extra KV entries per layer,
     # (T + |P|) / T of the attention work, no extra GEMM (docs/method.md §4)
-    prefixed = glufx.Plan.from_dict({**plan.to_dict(), "qfep": {"method": "fixed", "token_ids": [2, 108, 236761]}})
+    prefixed = glufx.Plan.from_dict({**plan.to_dict(), "qfep": {"method": "fixed", "token_ids": [2, 108, 236761]}}, plan.tensors)
     return {"fp32": model, "glufx": glufx.compile(copy.deepcopy(model), plan=plan),
             "glufx_fused_glu": glufx.compile(copy.deepcopy(model), plan=fused),
             "glufx_qfep": glufx.compile(copy.deepcopy(model), plan=prefixed)}, tok

@@ -17,10 +17,14 @@ TORCH_LIBRARY(glufx, m) {
   // them on first use and cache the packed form (csrc/cpu/packed_linear.cpp).
   m.def(
       "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
-      "int granularity=0) -> Tensor");
+      "int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor");
   m.def(
       "int8_glu(Tensor x, Tensor w_gate, Tensor s_gate, Tensor w_up, Tensor s_up, str activation, "
-      "Tensor? x_scale=None, int granularity=0) -> Tensor");
+      "Tensor? x_scale=None, int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor");
+  // Online rotation of the input (rot_block > 0): x' = H_b (rot_signs * x), the block-diagonal
+  // Walsh-Hadamard transform of blocks of rot_block features, then quantized; the weights carry the
+  // inverse (glufx/rotate.py). hadamard is that transform alone.
+  m.def("hadamard(Tensor x, int block, Tensor? signs=None) -> Tensor");
   // The kernel layout, explicit (benchmarks, and callers that manage their own packing).
   m.def("pack_weight(Tensor w_q) -> Tensor");
   m.def("unpack_weight(Tensor w_packed, int N, int K) -> Tensor");

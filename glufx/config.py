@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .ops.schema import GRANULARITIES
-from .recipe import (QFEM_MODES, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe,
-                     Recipe, Transform)
+from .recipe import (QFEM_MODES, ROTATIONS, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales,
+                     Observe, Recipe, Rotate, Transform)
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
 CONFIG_VERSION = 1
@@ -43,6 +43,10 @@ class GlufxConfig:
     # scaling at every GLU's up -> down seam, exponent smooth_alpha)
     transform: str = "identity"
     smooth_alpha: float = 0.5
+    # online rotation of quantized linears' inputs (glufx/rotate.py): "hadamard" (block Hadamard with
+    # random signs, for every module with dynamic activation scales; static ones stay unrotated) or "off"
+    rotation: str = "hadamard"
+    rotation_block: int = 128
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +61,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.qfep={self.qfep!r}; choose one of {QFEP_METHODS}")
         if self.qfem == "alpha" and (self.alpha is None or self.alpha <= 0):
             raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"GlufxConfig.rotation={self.rotation!r}; choose one of {ROTATIONS}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
         if self.alpha is not None and self.qfem == "auto":
@@ -76,7 +82,10 @@ class GlufxConfig:
         stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha)]
         if self.qfep != "off":
             stages.append(DecideQFeP(self.qfep))
-        stages += [DecideGranularity(self.granularity), DecideScales(),
+        stages += [DecideGranularity(self.granularity)]
+        if self.rotation != "off":
+            stages.append(Rotate(self.rotation, max_block=self.rotation_block))
+        stages += [DecideScales(),
                    DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
                               tolerance=self.tolerance, max_search_steps=self.max_search_steps,
                               min_score=self.min_score)]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .nn import FLOAT_DTYPES, Int8GLU, Int8Linear
 from .plan import ModulePlan, Plan
+from .rotate import rotation_of
 from .transforms import apply_transforms
 
 counters: Counter = Counter()
@@ -81,19 +82,23 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             "calibrated on: run glufx.calibrate on this model (or load the plan saved with it)")
 
 
-def lower_weights(weight: torch.Tensor, bias: Optional[torch.Tensor], mp: ModulePlan, skeleton: bool = False) -> Int8Linear:
-    """The Int8Linear for one planned linear's floating-point weight and bias (`skeleton`: shapes only,
-    for state loaded from a file)."""
+def lower_weights(weight: torch.Tensor, bias: Optional[torch.Tensor], mp: ModulePlan, tensors: dict,
+                  skeleton: bool = False) -> Int8Linear:
+    """The Int8Linear for one planned linear's floating-point weight and bias; `tensors` is the plan's
+    sidecar (rotation signs). `skeleton`: shapes only, for state loaded from a file."""
+    rotation = rotation_of(mp, tensors)
     if skeleton:
-        return Int8Linear(weight.shape[1], weight.shape[0], bias is not None, mp.granularity, weight.dtype)
-    return Int8Linear.from_float(weight, bias, mp.granularity, mp.x_scale, what=mp.fqn)
+        block, signs = rotation or (0, None)
+        return Int8Linear(weight.shape[1], weight.shape[0], bias is not None, mp.granularity, weight.dtype, block,
+                          signs is not None)
+    return Int8Linear.from_float(weight, bias, mp.granularity, mp.x_scale, what=mp.fqn, rotation=rotation)
 
 
-def _lower_module(mod: nn.Module, mp: ModulePlan, skeleton: bool) -> Int8Linear:
+def _lower_module(mod: nn.Module, mp: ModulePlan, tensors: dict, skeleton: bool) -> Int8Linear:
     why = quantizable(mod)
     if why is not None:
         raise TypeError(f"glufx: the plan quantizes {mp.fqn} but {why}")
-    return lower_weights(mod.weight, mod.bias, mp, skeleton)
+    return lower_weights(mod.weight, mod.bias, mp, tensors, skeleton)
 
 
 def lower(model: nn.Module, plan: Plan, *, skeleton: bool = False) -> nn.Module:
@@ -108,7 +113,7 @@ def lower(model: nn.Module, plan: Plan, *, skeleton: bool = False) -> nn.Module:
         mod = model.get_submodule(fqn)
         if isinstance(mod, Int8Linear):
             continue
-        model.set_submodule(fqn, _lower_module(mod, mp, skeleton))
+        model.set_submodule(fqn, _lower_module(mod, mp, plan.tensors, skeleton))
         counters["int8_linear"] += 1
         counters[f"int8_linear.{mp.role}"] += 1
     if plan.config.get("fuse_glu"):
@@ -127,7 +132,7 @@ class Lowering:
         for fqn in fqns:
             mod = model.get_submodule(fqn)
             self.original[fqn] = mod
-            self.int8[fqn] = _lower_module(mod, plan.modules[fqn], skeleton=False)
+            self.int8[fqn] = _lower_module(mod, plan.modules[fqn], plan.tensors, skeleton=False)
 
     def apply(self, int8_fqns: Iterable[str]) -> int:
         chosen = set(int8_fqns)
@@ -149,8 +154,8 @@ def gate_up_fusable(plan: Plan, block: dict, gate: Optional[nn.Module], up: Opti
     g, u = plan.modules.get(block["gate"]), plan.modules.get(block["up"])
     if g is None or u is None or g.action != "int8" or u.action != "int8":
         return "gate or up stays in floating point"
-    if (g.granularity, g.x_scale) != (u.granularity, u.x_scale):
-        return "gate and up quantize their shared input differently"
+    if (g.granularity, g.x_scale, g.rotation) != (u.granularity, u.x_scale, u.rotation):
+        return "gate and up quantize (or rotate) their shared input differently"
     if not (isinstance(gate, Int8Linear) and isinstance(up, Int8Linear)) or gate.bias is not None or up.bias is not None:
         return "gate or up is not a bias-free Int8Linear"
     return None

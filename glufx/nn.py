@@ -46,10 +46,13 @@ class Int8Linear(nn.Module):
     activations quantized inside the op with the plan's granularity (`x_scale` [1] when static)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, granularity: str = "per_sequence",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, rot_block: int = 0, rot_signs: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.granularity = granularity
+        # online rotation of the input (glufx/rotate.py): w_q holds the rotated weight W D H_b
+        self.rot_block = rot_block
+        self.register_buffer("rot_signs", torch.ones(in_features, dtype=torch.float32) if rot_signs else None)
         self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -58,10 +61,19 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], granularity: str,
-                   x_scale: Optional[float] = None, what: str = "a linear") -> "Int8Linear":
+                   x_scale: Optional[float] = None, what: str = "a linear",
+                   rotation: Optional[tuple[int, Optional[torch.Tensor]]] = None) -> "Int8Linear":
+        """`rotation`: (block, signs) of an online Hadamard rotation (glufx/rotate.py), folded into w_q."""
         _check_weight(weight, what)
         xs = _static_scale(granularity, x_scale)
-        m = cls(weight.shape[1], weight.shape[0], bias is not None, granularity, weight.dtype)
+        block, signs = rotation or (0, None)
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, granularity, weight.dtype, block, signs is not None)
+        if block:
+            from .rotate import fold
+
+            weight = fold(weight, block, signs)
+            if signs is not None:
+                m.rot_signs = signs.detach().float().clone()
         m.w_q, m.w_scale = torch.ops.glufx.quantize_weight(weight.detach())
         if bias is not None:
             m.bias = bias.detach().clone()
@@ -76,14 +88,19 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         return torch.ops.glufx.int8_linear(x, self.w_q, self.w_scale, self.bias, self.x_scale,
-                                           GRANULARITIES[self.granularity])
+                                           GRANULARITIES[self.granularity], self.rot_signs, self.rot_block)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.w_q.float() * self.w_scale[:, None]
+        """The weight this module applies to its unrotated input, [N, K] float32."""
+        w = self.w_q.float() * self.w_scale[:, None]
+        if self.rot_block:  # (W D H) H D = W: H_b and D are their own inverses
+            w = torch.ops.glufx.hadamard(w, self.rot_block, None)
+            w = w * self.rot_signs if self.rot_signs is not None else w
+        return w
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"act={self.granularity}"
+               f"act={self.granularity}" + (f", rotation=hadamard({self.rot_block})" if self.rot_block else "")
 
 
 class Int8GLU(nn.Module):
@@ -92,9 +109,12 @@ class Int8GLU(nn.Module):
     in the op) and `down_proj` as the plan has it (Int8Linear or the original nn.Linear).
     Replaces a module whose forward is exactly that block; its outputs equal the unfused ones."""
 
-    def __init__(self, in_features: int, hidden: int, activation: str, granularity: str, down_proj: nn.Module):
+    def __init__(self, in_features: int, hidden: int, activation: str, granularity: str, down_proj: nn.Module,
+                 rot_block: int = 0, rot_signs: bool = False):
         super().__init__()
         self.in_features, self.hidden, self.activation, self.granularity = in_features, hidden, activation, granularity
+        self.rot_block = rot_block
+        self.register_buffer("rot_signs", torch.ones(in_features, dtype=torch.float32) if rot_signs else None)
         for name in ("gate", "up"):
             self.register_buffer(f"{name}_w_q", torch.zeros(hidden, in_features, dtype=torch.int8))
             self.register_buffer(f"{name}_w_scale", torch.ones(hidden, dtype=torch.float32))
@@ -104,8 +124,11 @@ class Int8GLU(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_int8(cls, gate: Int8Linear, up: Int8Linear, down_proj: nn.Module, activation: str) -> "Int8GLU":
-        m = cls(gate.in_features, gate.out_features, activation, gate.granularity, down_proj)
+        m = cls(gate.in_features, gate.out_features, activation, gate.granularity, down_proj, gate.rot_block,
+                gate.rot_signs is not None)
         m.gate_w_q, m.gate_w_scale, m.up_w_q, m.up_w_scale = gate.w_q, gate.w_scale, up.w_q, up.w_scale
+        if gate.rot_signs is not None:
+            m.rot_signs = gate.rot_signs
         if gate.granularity == "static":
             m.x_scale = gate.x_scale.clone()
         return m
@@ -113,7 +136,8 @@ class Int8GLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> h: [..., hidden] -> [..., K_out]
         h = torch.ops.glufx.int8_glu(x, self.gate_w_q, self.gate_w_scale, self.up_w_q, self.up_w_scale,
-                                     self.activation, self.x_scale, GRANULARITIES[self.granularity])
+                                     self.activation, self.x_scale, GRANULARITIES[self.granularity],
+                                     self.rot_signs, self.rot_block)
         return self.down_proj(h)
 
     def extra_repr(self) -> str:

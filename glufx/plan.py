@@ -32,6 +32,8 @@ class ModulePlan:
     n_params: int
     x_scale: Optional[float] = None  # static per-tensor activation scale (absmax / 127)
     kind: str = "linear"
+    # online input rotation: {"kind": "hadamard", "block": b, "signs": sidecar key} (glufx/rotate.py)
+    rotation: Optional[dict] = None
     # stage name -> what it decided for this module and the measurement behind it, e.g.
     # {"qfem": {"kept_fp": True, "score": 11.1, "mode": "auto", "step": 1}, "scales": {"absmax": 2.3}}
     decisions: dict = field(default_factory=dict)

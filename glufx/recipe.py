@@ -33,6 +33,7 @@ TRANSFORMS = ("identity", "smooth_up_down")
 QFEP_METHODS = ("paper", "prefixquant")
 SCALE_METHODS = ("absmax",)
 QFEM_MODES = ("auto", "alpha", "budget", "off")
+ROTATIONS = ("hadamard", "off")
 
 
 class NoGLUError(ValueError):
@@ -267,6 +268,53 @@ class DecideGranularity(Stage):
 
 
 @dataclass
+class Rotate(Stage):
+    """Online Hadamard rotation of each quantized linear's input (glufx/rotate.py, docs/method.md §8):
+    blocks of the largest power of two dividing the input size, at most `max_block`, after random signs
+    (`signs`, seeded by `seed`). Modules with static scales are left unrotated (a rotated input's static
+    scale is set by the tokens of largest norm: measured ruinous), as are sizes with no even factor."""
+
+    kind: str = "hadamard"
+    max_block: int = 128
+    signs: bool = True
+    seed: int = 0
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "rotation"
+    reads_stats: ClassVar[bool] = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._choose("kind", ROTATIONS)
+        if self.max_block < 2 or self.max_block & (self.max_block - 1):
+            raise ValueError(f"Rotate.max_block must be a power of two >= 2, got {self.max_block}")
+
+    def run(self, ctx: Context) -> dict:
+        from .rotate import hadamard_block, random_signs, signs_key
+
+        rotated, skipped = 0, {}
+        for f in ctx.targets():
+            mp = ctx.plan.modules[f]
+            mp.rotation = None
+            if mp.action != "int8" or self.kind == "off":
+                continue
+            block = hadamard_block(mp.in_features, self.max_block)
+            why = ("static activation scale" if mp.granularity == "static" else
+                   f"{mp.in_features} input features have no power-of-two block" if not block else None)
+            if why is not None:
+                skipped[f] = why
+                mp.decisions["rotation"] = {"rotated": False, "why": why}
+                continue
+            key = None
+            if self.signs:
+                key = signs_key(mp.in_features, self.seed)
+                ctx.plan.tensors.setdefault(key, random_signs(mp.in_features, self.seed))
+            mp.rotation = {"kind": self.kind, "block": block, "signs": key}
+            mp.decisions["rotation"] = {"rotated": True, "block": block, "signs": key is not None}
+            rotated += 1
+        return {"rotated": rotated, "skipped": len(skipped)}
+
+
+@dataclass
 class DecideScales(Stage):
     """Static activation scales (absmax / 127 of the calibration inputs) for modules whose granularity
     is static; the observed absmax is recorded for every target."""
@@ -345,10 +393,13 @@ class Recipe:
         if dup:
             raise ValueError(f"glufx: a recipe holds each decision stage once; repeated: {dup}")
         order = [s.name for s in self.stages]
-        for needs, first in (("qfem", "granularity"), ("scales", "granularity")):
+        for needs, first in (("qfem", "granularity"), ("scales", "granularity"), ("rotation", "granularity")):
             if needs in order and (first not in order or order.index(first) > order.index(needs)):
                 raise ValueError(f"glufx: the recipe's {needs} stage needs a {first} stage before it "
                                  f"(stages: {order})")
+        if "qfem" in order and "rotation" in order and order.index("rotation") > order.index("qfem"):
+            raise ValueError("glufx: Rotate must come before DecideQFeM (QFeM's search runs the quantized model, "
+                             "rotations included)")
         if "qfem" in order and "scales" in order and order.index("scales") > order.index("qfem"):
             raise ValueError("glufx: DecideScales must come before DecideQFeM (QFeM's search runs the "
                              "quantized model, static scales included)")

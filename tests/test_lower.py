@@ -13,7 +13,7 @@ from conftest import CFG, tiny_model
 
 def _plans(model, ids, **kw):
     fused = glufx.calibrate(model, ids, glufx.GlufxConfig(**CFG, fuse_glu=True, **kw))
-    unfused = glufx.Plan.from_dict({**fused.to_dict(), "config": {**fused.config, "fuse_glu": False}})
+    unfused = glufx.Plan.from_dict({**fused.to_dict(), "config": {**fused.config, "fuse_glu": False}}, fused.tensors)
     return fused, unfused
 
 

@@ -86,7 +86,7 @@ def test_compile_with_qfep(method, calib_ids):
     else:
         assert plan.qfep["token_ids"][-1] == 1  # BOS last
     # statistics were gathered with the prefix cached: the plan replays to the same model
-    again = glufx.compile(tiny_model("llama"), plan=glufx.Plan.from_json(plan.to_json()))
+    again = glufx.compile(tiny_model("llama"), plan=glufx.Plan.from_json(plan.to_json(), plan.tensors))
     ids = calib_ids[:2, 1:]
     with torch.no_grad():
         assert torch.equal(q(input_ids=ids).logits, again(input_ids=ids).logits)

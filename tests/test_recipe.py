@@ -33,8 +33,11 @@ def test_stage_configs_are_validated():
 def test_default_recipe_records_structured_decisions(calib_ids):
     model = tiny_model("llama")
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
-    assert [s["stage"] for s in plan.stages] == ["Observe", "Transform", "DecideGranularity", "DecideScales",
-                                                 "DecideQFeM"]
+    assert [s["stage"] for s in plan.stages] == ["Observe", "Transform", "DecideGranularity", "Rotate",
+                                                 "DecideScales", "DecideQFeM"]
+    rotated = [m for m in plan.modules.values() if m.rotation]
+    assert rotated and all(m.decisions["rotation"]["rotated"] for m in rotated)
+    assert all(m.rotation["signs"] in plan.tensors for m in rotated)
     kept = [m for m in plan.modules.values() if m.kept_by_qfem]
     assert kept and all(m.action == "fp" and m.decisions["qfem"]["step"] >= 1 for m in kept)
     naive = plan.without_qfem()  # reads the QFeM decision, not the reason text

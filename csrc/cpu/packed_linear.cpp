@@ -344,12 +344,21 @@ void packed_gemm(const at::Tensor& x2d, int64_t rows_per_sequence, const at::Ten
   }
 }
 
+// x [..., K] -> float32 [M, K] rotated when rot_block > 0 (the rotation precedes quantization).
+std::pair<at::Tensor, int64_t> activations(const at::Tensor& x, const c10::optional<at::Tensor>& rot_signs,
+                                           int64_t rot_block) {
+  auto flat = flatten_activations(x);
+  if (rot_block > 0) flat.first = rotate_rows(flat.first, rot_block, rot_signs);
+  return flat;
+}
+
 // Both linear ops (explicit layout and canonical) end here: x [..., K] -> [..., N] in x's dtype.
 at::Tensor linear_on_packed(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
-                            int64_t granularity, const char* op) {
+                            int64_t granularity, const char* op, const c10::optional<at::Tensor>& rot_signs = {},
+                            int64_t rot_block = 0) {
   const int64_t N = w_scale.numel();
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
+  auto [x2d, rows_per_sequence] = activations(x, rot_signs, rot_block);
   at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
   at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr, op);
@@ -366,8 +375,8 @@ void check_activation(c10::string_view activation, const char* op) {
 // two linears and the model's own activation and product, so fusing changes no result.
 at::Tensor glu_on_packed(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale, int64_t hidden,
                          c10::string_view activation, const c10::optional<at::Tensor>& x_scale, int64_t granularity,
-                         const char* op) {
-  auto [x2d, rows_per_sequence] = flatten_activations(x);
+                         const char* op, const c10::optional<at::Tensor>& rot_signs = {}, int64_t rot_block = 0) {
+  auto [x2d, rows_per_sequence] = activations(x, rot_signs, rot_block);
   at::Tensor gate = at::empty({x2d.size(0), hidden}, x2d.options());
   at::Tensor up = at::empty_like(gate);
   packed_gemm(x2d, rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, granularity, gate, &up,
@@ -514,14 +523,15 @@ void check_canonical(const at::Tensor& w_q, const at::Tensor& w_scale, int64_t K
 // The canonical W8A8 linear: x [..., K], w_q [N, K] int8 -> [..., N] in x's dtype.
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x_scale,
-                           int64_t granularity) {
+                           int64_t granularity, const c10::optional<at::Tensor>& rot_signs, int64_t rot_block) {
   check_float(x, "int8_linear");
   check_canonical(w_q, w_scale, x.size(-1), "int8_linear", "w_q");
+  check_rotation(x.size(-1), rot_block, rot_signs, "int8_linear");
   const int64_t N = w_q.size(0);
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "glufx::int8_linear: bias has ", bias->numel(),
               " elements, expected ", N);
   const auto prep = prepared({w_q}, [&] { return std::make_pair(pack_weight_cpu(w_q.contiguous()), at::Tensor()); });
-  return linear_on_packed(x, prep.first, w_scale, bias, x_scale, granularity, "int8_linear");
+  return linear_on_packed(x, prep.first, w_scale, bias, x_scale, granularity, "int8_linear", rot_signs, rot_block);
 }
 
 // gate's and up's 16-channel blocks interleaved (gate block, up block, ...), channels padded to 16
@@ -542,17 +552,19 @@ std::pair<at::Tensor, at::Tensor> pack_glu(const at::Tensor& w_gate, const at::T
 // act(x W_gate^T) * (x W_up^T) on the prepared interleaved form of gate's and up's canonical weights.
 at::Tensor int8_glu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& s_gate, const at::Tensor& w_up,
                         const at::Tensor& s_up, c10::string_view activation, const c10::optional<at::Tensor>& x_scale,
-                        int64_t granularity) {
+                        int64_t granularity, const c10::optional<at::Tensor>& rot_signs, int64_t rot_block) {
   check_float(x, "int8_glu");
   check_canonical(w_gate, s_gate, x.size(-1), "int8_glu", "w_gate");
   check_canonical(w_up, s_up, x.size(-1), "int8_glu", "w_up");
   TORCH_CHECK(w_gate.size(0) == w_up.size(0), "glufx::int8_glu: gate has ", w_gate.size(0), " channels, up ",
               w_up.size(0));
   check_activation(activation, "int8_glu");
+  check_rotation(x.size(-1), rot_block, rot_signs, "int8_glu");
   const auto prep = prepared({w_gate, s_gate, w_up, s_up}, [&] {
     return pack_glu(w_gate.contiguous(), s_gate.contiguous(), w_up.contiguous(), s_up.contiguous());
   });
-  return glu_on_packed(x, prep.first, prep.second, w_gate.size(0), activation, x_scale, granularity, "int8_glu");
+  return glu_on_packed(x, prep.first, prep.second, w_gate.size(0), activation, x_scale, granularity, "int8_glu",
+                       rot_signs, rot_block);
 }
 
 }  // namespace

@@ -56,6 +56,10 @@ void quantize_row(const float* x, int64_t K, float s, int32_t offset, T* out);
 // x [..., K] -> (float32 [M, K] contiguous, rows per sequence)
 std::pair<at::Tensor, int64_t> flatten_activations(const at::Tensor& x);
 bool cpu_has_avx2();
+// Online rotation (csrc/cpu/hadamard.cpp): block a power of two dividing K, or 0 for none; signs [K].
+void check_rotation(int64_t K, int64_t block, const c10::optional<at::Tensor>& signs, const char* op);
+// x2d [M, K] float32 contiguous -> H_block (signs * x) row by row, a new tensor.
+at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional<at::Tensor>& signs);
 
 }  // namespace detail
 }  // namespace glufx

@@ -60,12 +60,12 @@ def _plan_key(fqn: str, plan: Plan) -> Optional[str]:
 
 def _lowered(key: str, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: Plan) -> Int8Linear:
     mp = plan.modules[key]
-    state = (key, weight._version, tuple(weight.shape), weight.dtype, mp.granularity, mp.x_scale)
+    state = (key, weight._version, tuple(weight.shape), weight.dtype, mp.granularity, mp.x_scale, str(mp.rotation))
     hit = _weight_cache.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == state:
         counters["weights_cache_hits"] += 1
         return hit[2]
-    mod = lower_weights(weight, bias, mp)
+    mod = lower_weights(weight, bias, mp, plan.tensors)
     ident = id(weight)
     _weight_cache[ident] = (weakref.ref(weight, lambda _: _weight_cache.pop(ident, None)), state, mod)
     counters["weights_quantized"] += 1
@@ -115,7 +115,7 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
         with gm.graph.inserting_before(node):
             args = (node.args[0], _const(gm, prefix + "_w_q", mod.w_q), _const(gm, prefix + "_w_scale", mod.w_scale),
                     _const(gm, prefix + "_bias", mod.bias), _const(gm, prefix + "_x_scale", mod.x_scale),
-                    GRANULARITIES[mod.granularity])
+                    GRANULARITIES[mod.granularity], _const(gm, prefix + "_rot_signs", mod.rot_signs), mod.rot_block)
             new = gm.graph.call_function(torch.ops.glufx.int8_linear.default, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -153,7 +153,8 @@ def _fuse_glus(gm: fx.GraphModule, plan: Plan, nodes: dict, lowered: dict) -> se
         with gm.graph.inserting_before(mul):
             args = (nodes[gn].args[0], _const(gm, prefix + "_gate_w_q", g.w_q), _const(gm, prefix + "_gate_w_scale", g.w_scale),
                     _const(gm, prefix + "_up_w_q", u.w_q), _const(gm, prefix + "_up_w_scale", u.w_scale), block.act,
-                    _const(gm, prefix + "_x_scale", g.x_scale), GRANULARITIES[g.granularity])
+                    _const(gm, prefix + "_x_scale", g.x_scale), GRANULARITIES[g.granularity],
+                    _const(gm, prefix + "_rot_signs", g.rot_signs), g.rot_block)
             new = gm.graph.call_function(torch.ops.glufx.int8_glu.default, args)
         new.meta.update(mul.meta)
         mul.replace_all_uses_with(new)

@@ -93,10 +93,15 @@ def _(a, b):
 
 
 @torch.library.register_fake("glufx::int8_linear")
-def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
+def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE, rot_signs=None, rot_block=0):
     torch._check(x.shape[-1] == w_q.shape[1], lambda: "glufx::int8_linear: feature size differs from the weight's")
     torch._check(w_scale.shape[0] == w_q.shape[0], lambda: "glufx::int8_linear: one weight scale per output channel")
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("glufx::hadamard")
+def _(x, block, signs=None):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("glufx::pack_weight")
@@ -122,7 +127,7 @@ def _(x, w_packed, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE):
 
 
 @torch.library.register_fake("glufx::int8_glu")
-def _(x, w_gate, s_gate, w_up, s_up, activation, x_scale=None, granularity=PER_SEQUENCE):
+def _(x, w_gate, s_gate, w_up, s_up, activation, x_scale=None, granularity=PER_SEQUENCE, rot_signs=None, rot_block=0):
     for w, s in ((w_gate, s_gate), (w_up, s_up)):
         torch._check(w.dim() == 2 and w.shape[1] == x.shape[-1],
                      lambda: "glufx::int8_glu: the weights' feature size differs from the input's")

@@ -4,6 +4,7 @@ Same float operations in the same order as csrc/cpu/int8_ops.cpp, so results agr
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -66,10 +67,43 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.int32)
 
 
+def _check_rotation(K: int, block: int, signs: Optional[torch.Tensor]) -> None:
+    if block < 0 or (block and (block & (block - 1) or K % block)):
+        raise RuntimeError(f"glufx: rotation block {block} must be a power of two dividing the {K} input features")
+    if signs is not None and (block == 0 or signs.dtype != torch.float32 or signs.numel() != K):
+        raise RuntimeError(f"glufx: rotation signs must be float32 with one value per input feature ({K}), "
+                           "and need a rotation block")
+
+
+def _rotate_rows(x2d: torch.Tensor, block: int, signs: Optional[torch.Tensor]) -> torch.Tensor:
+    # x2d: [M, K] float32 -> H_b (signs * x) per row; butterflies h = 1, 2, 4, ... (a + b, a - b), then 1/sqrt(b)
+    M, K = x2d.shape
+    y = x2d * signs.view(1, K) if signs is not None else x2d.clone()
+    h = 1
+    while h < block:
+        y = y.view(M, K // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2).view(M, K)
+        h *= 2
+    return y * torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32)
+
+
+def hadamard(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # x: [..., K] -> [..., K] in x.dtype
+    _check_rotation(x.shape[-1], block, signs)
+    if block == 0:
+        raise RuntimeError("glufx::hadamard: block must be > 0")
+    x2d, _ = _flatten(x)
+    return _rotate_rows(x2d, block, signs).to(x.dtype).view(x.shape)
+
+
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
+                x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE,
+                rot_signs: Optional[torch.Tensor] = None, rot_block: int = 0) -> torch.Tensor:
     # x: [..., K], w_q: [N, K] -> [..., N] in x.dtype
+    _check_rotation(x.shape[-1], rot_block, rot_signs)
     x2d, rows = _flatten(x)
+    if rot_block:
+        x2d = _rotate_rows(x2d, rot_block, rot_signs)
     s_x = row_scales(x2d, rows, granularity, x_scale)
     acc = int8_mm(_quantize(x2d, s_x[:, None]), w_q)
     y = acc.float() * s_x[:, None]
@@ -114,9 +148,10 @@ def int8_glu_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tens
 
 
 def int8_glu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor, w_up: torch.Tensor, s_up: torch.Tensor,
-             activation: str, x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE) -> torch.Tensor:
-    gate = int8_linear(x, w_gate, s_gate, None, x_scale, granularity)
-    up = int8_linear(x, w_up, s_up, None, x_scale, granularity)
+             activation: str, x_scale: Optional[torch.Tensor] = None, granularity: int = PER_SEQUENCE,
+             rot_signs: Optional[torch.Tensor] = None, rot_block: int = 0) -> torch.Tensor:
+    gate = int8_linear(x, w_gate, s_gate, None, x_scale, granularity, rot_signs, rot_block)
+    up = int8_linear(x, w_up, s_up, None, x_scale, granularity, rot_signs, rot_block)
     if activation == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up

@@ -15,9 +15,10 @@ SCHEMAS = {
     "quantize_activation": "quantize_activation(Tensor x, int granularity, Tensor? x_scale=None) -> (Tensor, Tensor)",
     "int8_mm": "int8_mm(Tensor a, Tensor b) -> Tensor",
     "int8_linear": "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, Tensor? x_scale=None, "
-    "int granularity=0) -> Tensor",
+    "int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor",
     "int8_glu": "int8_glu(Tensor x, Tensor w_gate, Tensor s_gate, Tensor w_up, Tensor s_up, str activation, "
-    "Tensor? x_scale=None, int granularity=0) -> Tensor",
+    "Tensor? x_scale=None, int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor",
+    "hadamard": "hadamard(Tensor x, int block, Tensor? signs=None) -> Tensor",
     "pack_weight": "pack_weight(Tensor w_q) -> Tensor",
     "unpack_weight": "unpack_weight(Tensor w_packed, int N, int K) -> Tensor",
     "int8_linear_packed": "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None, "
