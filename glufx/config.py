@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .ops.schema import GRANULARITIES
-from .recipe import (QFEM_MODES, ROTATIONS, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales,
+from .recipe import (QFEM_MODES, ROTATIONS, SCALE_METHODS, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales,
                      Observe, Recipe, Rotate, Transform)
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
@@ -47,6 +47,9 @@ class GlufxConfig:
     # random signs, for every module with dynamic activation scales; static ones stay unrotated) or "off"
     rotation: str = "hadamard"
     rotation_block: int = 128
+    # static scales: "clip_search" (the clipping that minimises the error of the linears' outputs) or
+    # "absmax" (no clipping)
+    scales: str = "clip_search"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -63,6 +66,8 @@ class GlufxConfig:
             raise ValueError("GlufxConfig(qfem='alpha') needs alpha > 0 (modules with score > alpha stay in FP)")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"GlufxConfig.rotation={self.rotation!r}; choose one of {ROTATIONS}")
+        if self.scales not in SCALE_METHODS:
+            raise ValueError(f"GlufxConfig.scales={self.scales!r}; choose one of {SCALE_METHODS}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
         if self.alpha is not None and self.qfem == "auto":
@@ -79,13 +84,14 @@ class GlufxConfig:
 
     def recipe(self) -> Recipe:
         """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
-        stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha)]
+        stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha, granularity=self.granularity,
+                                       rotation_block=self.rotation_block if self.rotation != "off" else 0)]
         if self.qfep != "off":
             stages.append(DecideQFeP(self.qfep))
         stages += [DecideGranularity(self.granularity)]
         if self.rotation != "off":
             stages.append(Rotate(self.rotation, max_block=self.rotation_block))
-        stages += [DecideScales(),
+        stages += [DecideScales(self.scales),
                    DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
                               tolerance=self.tolerance, max_search_steps=self.max_search_steps,
                               min_score=self.min_score)]

@@ -27,7 +27,7 @@ SPLIT_TARGETS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.de
 # Ops that pass a value through unchanged in value terms (casts, copies, eval-mode dropout).
 PASSTHROUGH_TARGETS = {
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default, aten.alias.default,
-    aten.dropout.default, aten.contiguous.default, F.dropout, torch.clone,
+    aten.dropout.default, aten.contiguous.default, aten.type_as.default, F.dropout, torch.clone,
 }
 PASSTHROUGH_METHODS = {"to", "float", "half", "bfloat16", "type", "contiguous", "clone"}
 ROUTER_TARGETS = {aten.softmax.int, aten._softmax.default, aten.topk.default, aten.sigmoid.default, F.softmax,
@@ -62,10 +62,27 @@ class GLUBlock:
 
 
 @dataclass
+class NormSeam:
+    """A sibling group's input is `y * g (+ b)`, g = scale * w + offset elementwise, w (and b) parameters of
+    one norm that reach nothing else, and the product reaches nothing but the group's linears: dividing
+    g (and b) by s and multiplying the linears' input columns by s leaves the model's function unchanged.
+    Found for RMSNorm (g = w), Gemma's (g = 1 + w) and LayerNorm (g = w, with bias); proven on the graph,
+    whatever the norm's class is called."""
+
+    weight: str  # FQN of the parameter w
+    consumers: list[str]  # the linears reading the product
+    scale: float = 1.0
+    offset: float = 0.0
+    bias: Optional[str] = None  # FQN of the LayerNorm bias, when there is one
+    group: int = -1
+
+
+@dataclass
 class MatchResult:
     projections: dict[str, Projection] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     glu_blocks: list[GLUBlock] = field(default_factory=list)
+    norm_seams: list[NormSeam] = field(default_factory=list)
 
     @property
     def moe_blocks(self) -> list[GLUBlock]:
@@ -82,6 +99,7 @@ class MatchResult:
             "fused_gate_up": sum(b.fused and not b.moe for b in self.glu_blocks),
             "linears": len(self.linears),
             "groups": len(self.groups),
+            "norm_seams": len(self.norm_seams),
         }
 
 
@@ -283,7 +301,131 @@ def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, s
     for gid, members in enumerate(result.groups):
         for fqn in members:
             result.projections[fqn].group = gid
+    nodes = {n.name: n for n in graph.nodes}
+    for gid, members in enumerate(result.groups):
+        if all(result.projections[f].kind == "linear" for f in members):
+            seam = _norm_seam(graph, nodes.get(result.projections[members[0]].input_node), members, projs, strip_root)
+            if seam is not None:
+                seam.group = gid
+                result.norm_seams.append(seam)
     return result
+
+
+LAYER_NORM_TARGETS = {aten.layer_norm.default, F.layer_norm, torch.layer_norm}
+RMS_NORM_TARGETS = {t for t in (getattr(aten, "rms_norm", None), getattr(F, "rms_norm", None),
+                                getattr(torch, "rms_norm", None)) if t is not None}
+RMS_NORM_TARGETS = {getattr(t, "default", t) for t in RMS_NORM_TARGETS}
+
+
+def _attr(graph: fx.Graph, target: str):
+    obj = graph.owning_module
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _param_expression(node, graph: fx.Graph) -> Optional[tuple[fx.Node, set]]:
+    """(the one parameter node, the expression's nodes) if `node` is computed from a single parameter
+    and constants only, else None."""
+    seen, params, stack = set(), [], [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            v = _attr(graph, n.target)
+            if isinstance(v, torch.nn.Parameter) or (isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() > 1):
+                params.append(n)
+            elif not isinstance(v, torch.Tensor):
+                return None
+        elif n.op == "call_function":
+            stack.extend(a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node))
+        else:
+            return None  # a placeholder or method call: not a function of parameters only
+    return (params[0], seen) if len(params) == 1 else None
+
+
+def _evaluate(node, leaf: fx.Node, value: torch.Tensor, graph: fx.Graph, memo: dict):
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    if node is leaf:
+        out = value
+    elif node.op == "get_attr":
+        out = _attr(graph, node.target)
+    else:
+        args = [_evaluate(a, leaf, value, graph, memo) for a in node.args]
+        kwargs = {k: _evaluate(a, leaf, value, graph, memo) for k, a in node.kwargs.items()}
+        out = node.target(*args, **kwargs)
+    memo[node] = out
+    return out
+
+
+def _affine(expr: fx.Node, param: fx.Node, graph: fx.Graph, K: int) -> Optional[tuple[float, float]]:
+    """(a, c) with expr(w) = a * w + c for every w (checked at 0, 1, 2 and the parameter's value), or None."""
+    w = _attr(graph, param.target)
+    if not isinstance(w, torch.Tensor) or w.shape != (K,):
+        return None
+    with torch.no_grad():
+        f = {t: _evaluate(expr, param, torch.full((K,), float(t), dtype=w.dtype), graph, {}).detach().double()
+             for t in (0, 1, 2)}
+        a, c = f[1] - f[0], f[0]
+        if not (torch.allclose(f[2] - f[1], a) and torch.allclose(a, a[0].expand(K)) and
+                torch.allclose(c, c[0].expand(K)) and abs(float(a[0])) > 1e-6):
+            return None
+        actual = _evaluate(expr, param, w.detach(), graph, {}).detach().double()
+        if not torch.allclose(actual, a[0] * w.detach().double() + c[0], rtol=1e-6, atol=1e-7):
+            return None
+    return float(a[0]), float(c[0])
+
+
+def _only_feeds(node: fx.Node, allowed: set) -> bool:
+    # export's metadata assertions read a value without using it
+    return all(u in allowed or (u.op == "call_function" and str(u.target).startswith("aten._assert")) for u in node.users)
+
+
+def _norm_seam(graph: fx.Graph, node: Optional[fx.Node], members: list[str], projs: dict, strip_root: str
+               ) -> Optional[NormSeam]:
+    if node is None or node.op != "call_function":
+        return None
+    linears = {n for name, (p, n) in projs.items() if p.fqn in members}
+    users = _users_through_casts(node)
+    if not users or any(u not in linears for u in users):
+        return None  # the product also reaches something else (a residual, another op)
+    K = projs[next(iter(linears)).name][0].in_features
+
+    def fqn(n: fx.Node) -> str:
+        return str(n.target).removeprefix(strip_root)
+
+    if node.target in LAYER_NORM_TARGETS or node.target in RMS_NORM_TARGETS:
+        w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        b = None
+        if node.target in LAYER_NORM_TARGETS:
+            b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        w, b = strip(w), strip(b) if b is not None else None
+        ok = isinstance(w, fx.Node) and w.op == "get_attr" and _only_feeds(w, {node} | set(node.args[2:4]))
+        if not ok or (b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr")):
+            return None
+        return NormSeam(weight=fqn(w), consumers=list(members), bias=fqn(b) if b is not None else None)
+    if node.target not in MUL_TARGETS or len(node.args) != 2:
+        return None
+    for side in (0, 1):
+        found = _param_expression(node.args[side], graph)
+        other = node.args[1 - side]
+        if found is None or not isinstance(other, fx.Node) or _param_expression(other, graph) is not None:
+            continue
+        param, expr_nodes = found
+        if any(not _only_feeds(n, expr_nodes | {node}) for n in expr_nodes):
+            continue  # the parameter (or a value made from it) is used elsewhere too
+        ac = _affine(node.args[side], param, graph, K)
+        if ac is None:
+            continue
+        return NormSeam(weight=fqn(param), consumers=list(members), scale=ac[0], offset=ac[1])
+    return None
 
 
 def _users_through_casts(node: fx.Node) -> list[fx.Node]:

@@ -29,9 +29,9 @@ from .stats import Statistics, from_observer
 
 STAGE_VERSION = 1
 # the choices of the stages' options (GlufxConfig offers the same ones)
-TRANSFORMS = ("identity", "smooth_up_down")
+TRANSFORMS = ("identity", "smooth_up_down", "smooth")
 QFEP_METHODS = ("paper", "prefixquant")
-SCALE_METHODS = ("absmax",)
+SCALE_METHODS = ("absmax", "clip_search")
 QFEM_MODES = ("auto", "alpha", "budget", "off")
 ROTATIONS = ("hadamard", "off")
 
@@ -158,10 +158,18 @@ def _sync_modules(ctx: Context) -> None:
 class Transform(Stage):
     """An FP-equivalent edit of the model (glufx/transforms.py). `identity` changes nothing;
     `smooth_up_down` moves down_proj's input channel outliers into up_proj's weight at every GLU
-    seam the matcher proved (SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha))."""
+    seam the matcher proved (SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha), one alpha);
+    `smooth` scales every proven seam (norm -> its sibling linears, up -> down) with the strength
+    whose quantized output error is lowest on sampled calibration inputs (quantized as `granularity`
+    and, with `rotation_block`, rotated, as the modules will be), or not at all where none helps, and
+    refuses a seam that moves the FP model's outputs by more than `tolerance` (relative)."""
 
     kind: str = "identity"
     alpha: float = 0.5
+    granularity: str = "per_token"
+    rotation_block: int = 0
+    max_tokens: int = 512
+    tolerance: float = 1e-5
     version: int = STAGE_VERSION
     name: ClassVar[str] = "transform"
 
@@ -170,10 +178,14 @@ class Transform(Stage):
         self._choose("kind", TRANSFORMS)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"Transform.alpha must lie in [0, 1], got {self.alpha}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Transform.granularity={self.granularity!r}; choose one of {sorted(GRANULARITIES)}")
 
     def run(self, ctx: Context) -> dict:
         if self.kind == "identity":
             return {"applied": 0}
+        if self.kind == "smooth":
+            return self._smooth(ctx)
         from . import transforms as T
 
         by_fqn = ctx.stats.by_fqn()
@@ -201,6 +213,89 @@ class Transform(Stage):
         if applied:
             ctx.stale = True  # the FP model's activations changed: observe again
         return {"applied": applied, "skipped": skipped}
+
+
+    def _smooth(self, ctx: Context) -> dict:
+        import torch
+
+        from . import transforms as T
+        from .decide.scales import sample_inputs
+        from .rotate import hadamard_block
+
+        targets = set(ctx.targets())
+        seams, skipped = [], {}
+        for ns in ctx.match.norm_seams:
+            if all(f in targets for f in ns.consumers):
+                seams.append(("scale_norm", ns.weight, ns.consumers, ns))
+        for up, down, why in T.up_down_seams(ctx.plan.glu_blocks, ctx.model):
+            if why is None and down in targets:
+                seams.append(("scale_up_down", up, [down], None))
+            elif why is not None:
+                skipped[down] = why
+        if not seams:
+            return {"applied": 0, "skipped": skipped}
+        samples = sample_inputs(ctx, [c[0] for _, _, c, _ in seams], self.max_tokens)
+        probe = _probe_inputs(ctx)
+        reference = _probe_outputs(ctx, probe)
+        applied, worst = 0, 0.0
+        for kind, producer, consumers, ns in seams:
+            x = samples[consumers[0]]  # x: [T, K], what the consumers read today
+            w = torch.cat([ctx.model.get_submodule(f).weight.detach().float() for f in consumers])
+            block = hadamard_block(x.shape[1], self.rotation_block) if self.rotation_block else 0
+            alpha, s, errors = T.search_scales(x, w, self.granularity, block)
+            if alpha is None:
+                skipped[consumers[0]] = "no strength lowers the quantized output error"
+                continue
+            touched = [producer, *consumers] + ([ns.bias] if ns is not None and ns.bias else [])
+            weight_of = (lambda f: T.weight_of(ctx.model, f))
+            saved = {f: weight_of(f).detach().clone() for f in touched}
+            before = T.fingerprint(*(weight_of(f) for f in (producer, *consumers)))
+            for f in touched:  # the user's weights come back after calibration
+                ctx.backup.save(f.rpartition(".")[0] if kind == "scale_norm" and f not in consumers else f)
+            if kind == "scale_norm":
+                T.scale_norm(ctx.model, producer, ns.bias, ns.scale, ns.offset, consumers, s)
+            else:
+                T.scale_up_down(ctx.model.get_submodule(producer), ctx.model.get_submodule(consumers[0]), s)
+            moved = _relative_change(reference, _probe_outputs(ctx, probe))
+            if not moved <= self.tolerance:
+                with torch.no_grad():
+                    for f, v in saved.items():
+                        weight_of(f).copy_(v)
+                skipped[consumers[0]] = f"changed the FP model's outputs by {moved:.2e} (relative): refused"
+                continue
+            worst = max(worst, moved)
+            extra = {"norm_scale": ns.scale, "norm_offset": ns.offset, "bias": ns.bias} if ns is not None else {}
+            entry = T.record(ctx.plan, kind, producer, consumers, s, before,
+                             T.fingerprint(*(weight_of(f) for f in (producer, *consumers))), alpha=alpha,
+                             errors={str(k): v for k, v in errors.items()}, fp_change=moved, **extra)
+            for f in consumers + ([producer] if producer in ctx.plan.modules else []):
+                ctx.plan.modules[f].decisions["transform"] = {"kind": kind, "alpha": alpha,
+                                                               "index": len(ctx.plan.transforms) - 1,
+                                                               "error": errors[alpha], "error_before": errors["none"]}
+            applied += 1
+        if applied:
+            ctx.stale = True
+        return {"applied": applied, "seams": len(seams), "skipped": skipped, "max_fp_change": worst}
+
+
+def _probe_inputs(ctx: Context):
+    b = (ctx.calib.heldout or ctx.calib.batches)[0]
+    cut = {k: (v[:1, :64] if hasattr(v, "dim") and v.dim() == 2 else v) for k, v in b.kwargs.items()}
+    return b.args, cut
+
+
+def _probe_outputs(ctx: Context, probe):
+    import torch
+
+    from .decide.qfem import _first_tensor
+
+    with torch.no_grad():
+        out = (ctx.runner or ctx.model)(*probe[0], **probe[1])
+    return (out.logits if hasattr(out, "logits") else _first_tensor(out)).detach().double()
+
+
+def _relative_change(ref, out) -> float:
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @dataclass
@@ -316,19 +411,27 @@ class Rotate(Stage):
 
 @dataclass
 class DecideScales(Stage):
-    """Static activation scales (absmax / 127 of the calibration inputs) for modules whose granularity
-    is static; the observed absmax is recorded for every target."""
+    """Static activation scales for modules whose granularity is static (glufx/decide/scales.py):
+    `absmax` (absmax / 127 of the calibration inputs) or `clip_search` (the clipping of that scale that
+    minimises the error of the outputs of the linears reading the input, over `max_tokens` sampled
+    calibration tokens). The observed absmax is recorded for every target."""
 
     method: str = "absmax"
+    max_tokens: int = 1024
     version: int = STAGE_VERSION
     name: ClassVar[str] = "scales"
 
     def __post_init__(self):
         super().__post_init__()
         self._choose("method", SCALE_METHODS)
+        if self.max_tokens < 1:
+            raise ValueError(f"DecideScales.max_tokens must be >= 1, got {self.max_tokens}")
 
     def run(self, ctx: Context) -> dict:
+        from .decide.scales import clip_search
+
         by_fqn = ctx.stats.by_fqn()
+        searched = clip_search(ctx, max_tokens=self.max_tokens) if self.method == "clip_search" else {}
         n = 0
         for f in ctx.targets():
             mp, st = ctx.plan.modules[f], by_fqn.get(f)
@@ -339,8 +442,12 @@ class DecideScales(Stage):
                 raise ValueError(f"glufx: {f} saw only zeros in calibration: no static scale; give it another "
                                  "granularity (DecideGranularity(per_module=...)) or other calibration data")
             mp.decisions["scales"] = {"method": self.method, "absmax": absmax, "x_scale": mp.x_scale}
+            if f in searched and mp.x_scale is not None:
+                mp.x_scale = searched[f]["x_scale"]
+                mp.decisions["scales"].update({k: v for k, v in searched[f].items() if k != "absmax"})
             n += mp.x_scale is not None
-        return {"static_scales": n}
+        clips = [v["clip"] for v in searched.values()]
+        return {"static_scales": n, **({"clip_min": min(clips), "clip_mean": sum(clips) / len(clips)} if clips else {})}
 
 
 

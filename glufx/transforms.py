@@ -4,7 +4,11 @@ A transform is recorded in the plan as plain data (kind, seam, the modules it to
 of their weights before and after) with its vectors in the plan's tensor sidecar, so `glufx.lower`
 can replay it on a fresh copy of the model, and knows when a model already carries it.
 
-Implemented seam: up -> down across a GLU block. `h = act(gate(x)) * up(x)` is linear in `up(x)`
+Seams, both read off the matched graph, never from module names:
+* norm -> its sibling linears (match.NormSeam): the group's input is `y * g` with g = a * w + c from
+  one norm parameter w (RMSNorm: g = w; Gemma: g = 1 + w; LayerNorm: g = w, with bias b) and nothing
+  but the group reads it. g_j / s_j (and b_j / s_j), the linears' input column j * s_j: exact.
+* up -> down across a GLU block. `h = act(gate(x)) * up(x)` is linear in `up(x)`
 channel by channel, so dividing up's output row j (and bias) by s_j and multiplying down's input
 column j by s_j is exact. The gate cannot carry it (the activation is not homogeneous). The seam is
 read off the matched graph (a GLUBlock with its own up projection), never from module names.
@@ -49,11 +53,35 @@ def scale_up_down(up: nn.Linear, down: nn.Linear, s: torch.Tensor) -> None:
     down.weight.mul_(s.to(down.weight.dtype)[None, :])
 
 
-def record(plan: Plan, kind: str, producer: str, consumer: str, s: torch.Tensor, before: list[float],
+@torch.no_grad()
+def scale_norm(model: nn.Module, weight: str, bias: Optional[str], a: float, c: float, consumers: list[str],
+               s: torch.Tensor) -> None:
+    """g = a * w + c -> g / s (and the bias / s); every consumer's input column j * s_j."""
+    w = model.get_parameter(weight)
+    g = w.double() * a + c
+    w.copy_(((g / s.double() - c) / a).to(w.dtype))
+    if bias is not None:
+        b = model.get_parameter(bias)
+        b.copy_((b.double() / s.double()).to(b.dtype))
+    for f in consumers:
+        lin = model.get_submodule(f)
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+def weight_of(model: nn.Module, fqn: str) -> torch.Tensor:
+    """A transform's touched tensor: a module's weight, or a parameter named by its FQN (a norm's)."""
+    try:
+        return model.get_submodule(fqn).weight
+    except AttributeError:
+        return model.get_parameter(fqn)
+
+
+def record(plan: Plan, kind: str, producer: str, consumer, s: torch.Tensor, before: list[float],
            after: list[float], **measured) -> dict:
     key = f"transform.{len(plan.transforms)}.scale"
     plan.tensors[key] = s.detach().float().contiguous()
-    entry = {"kind": kind, "producer": producer, "consumers": [consumer], "tensor": key,
+    consumers = [consumer] if isinstance(consumer, str) else list(consumer)
+    entry = {"kind": kind, "producer": producer, "consumers": consumers, "tensor": key,
              "fingerprint_before": before, "fingerprint_after": after, **measured}
     plan.transforms.append(entry)
     return entry
@@ -74,7 +102,7 @@ def apply_transforms(model: nn.Module, plan: Plan) -> int:
     """Replay the plan's transforms on `model` (skipping those it already carries); returns how many ran."""
     n = 0
     for entry in plan.transforms:
-        state = transform_state(entry, lambda fqn: model.get_submodule(fqn).weight)
+        state = transform_state(entry, lambda fqn: weight_of(model, fqn))
         if state == "after":
             continue
         if state == "other":
@@ -82,10 +110,14 @@ def apply_transforms(model: nn.Module, plan: Plan) -> int:
                 f"glufx: the weights of {entry['producer']} / {entry['consumers']} are neither those the plan was "
                 "calibrated on nor their transformed form: the plan belongs to another model (or the weights were "
                 "changed since); calibrate this model")
-        if entry["kind"] != "scale_up_down":
+        if entry["kind"] == "scale_up_down":
+            scale_up_down(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
+                          plan.tensors[entry["tensor"]])
+        elif entry["kind"] == "scale_norm":
+            scale_norm(model, entry["producer"], entry.get("bias"), entry["norm_scale"], entry["norm_offset"],
+                       entry["consumers"], plan.tensors[entry["tensor"]])
+        else:
             raise ValueError(f"glufx: unknown transform {entry['kind']!r} in the plan (written by a newer glufx?)")
-        scale_up_down(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
-                      plan.tensors[entry["tensor"]])
         n += 1
     return n
 
@@ -126,3 +158,55 @@ def up_down_seams(glu_blocks: list[dict], model: nn.Module) -> list[tuple[str, s
             why = "up or down is not an nn.Linear"
         out.append((b["up"], b["down"], why))
     return out
+
+
+# ---- strength search (AWQ-style: measured output error, one choice per seam) -----------------------
+
+ALPHAS = (0.2, 0.35, 0.5, 0.65, 0.8)
+SEARCH_CLIPS = (1.0, 0.8, 0.6, 0.45, 0.3)
+
+
+def _quant_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Fake-quantized activations x [T, K] as glufx's ops would quantize them (static: the best of a
+    coarse clip grid, as DecideScales' search refines later)."""
+    def fq(v, scale):
+        return torch.clamp(torch.round(v / scale), -127, 127) * scale
+
+    if granularity == "per_token":
+        return [fq(x, (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12))]
+    amax = float(x.abs().max()) or 1.0
+    clips = SEARCH_CLIPS if granularity == "static" else (1.0,)
+    return [fq(x, c * amax / 127) for c in clips]
+
+
+def seam_error(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], granularity: str,
+               rot_block: int = 0) -> float:
+    """Relative squared error of the consumers' outputs, ||Q(x / s) Q(w s)^T - x w^T||^2 / ||x w^T||^2,
+    with x [T, K] sampled inputs, w [N, K] the consumers' weights, the inputs rotated first when the
+    modules will be (rot_block > 0)."""
+    from .ops import reference as R
+
+    ref = x @ w.T
+    xs, ws = (x, w) if s is None else (x / s, w * s)
+    if rot_block:
+        xs, ws = R.hadamard(xs, rot_block), R.hadamard(ws, rot_block)
+    wq, wsc = R.quantize_weight(ws)
+    wd = wq.float() * wsc[:, None]
+    denom = float(ref.square().sum()) or 1.0
+    return min(float((xq @ wd.T - ref).square().sum()) / denom for xq in _quant_rows(xs, granularity))
+
+
+def search_scales(x: torch.Tensor, w: torch.Tensor, granularity: str, rot_block: int = 0,
+                  alphas: tuple = ALPHAS) -> tuple[Optional[float], Optional[torch.Tensor], dict]:
+    """(alpha, s, {alpha: error}) of the lowest output error; alpha None (no transform) when none helps."""
+    x_absmax, w_absmax = x.abs().amax(dim=0), w.abs().amax(dim=0)
+    errors = {"none": seam_error(x, w, None, granularity, rot_block)}
+    best, best_s = None, None
+    for a in alphas:
+        s = smooth_scales(x_absmax, w_absmax, a)
+        s = s / s.log().mean().exp()  # geometric mean 1: the weights' and activations' ranges move, not their product
+        s = s.clamp(*SCALE_CLAMP)
+        errors[a] = seam_error(x, w, s, granularity, rot_block)
+        if errors[a] < errors["none"] and (best is None or errors[a] < errors[best]):
+            best, best_s = a, s
+    return best, best_s, errors
