@@ -7,7 +7,8 @@ glufx runs with per-token dynamic activations (the finest granularity its plans 
 and static skip the per-row reduction and are at least as fast). Baselines, each run the way its
 authors recommend: FP32 F.linear and numpy/OpenBLAS; fbgemm's dynamic quantized Linear; torchao's
 Int8DynamicActivationInt8WeightConfig under torch.compile; PT2E with X86InductorQuantizer (static
-W8A8) compiled with Inductor freezing (oneDNN). `-k "not pt2e and not torchao"` skips the compiled
+W8A8) compiled with Inductor freezing (oneDNN). `glufx_rotated` is glufx with the online Hadamard
+rotation its per-token recipe uses (glufx/rotate.py), to measure what the rotation costs. `-k "not pt2e and not torchao"` skips the compiled
 baselines (each compiles once per case).
 """
 import os
@@ -27,7 +28,7 @@ if os.environ.get("GLUFX_BENCH_SHAPES"):
     SHAPES = [tuple(map(int, s.split("x"))) for s in os.environ["GLUFX_BENCH_SHAPES"].split(",")]
 if os.environ.get("GLUFX_BENCH_MS"):
     MS = [int(m) for m in os.environ["GLUFX_BENCH_MS"].split(",")]
-IMPLS = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx"]
+IMPLS = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx", "glufx_rotated"]
 
 
 def _torchao_compiled(lin: torch.nn.Linear):
@@ -80,6 +81,12 @@ def _make(impl: str, w: torch.Tensor, x: torch.Tensor):
     if impl == "pt2e_x86":
         return _pt2e_x86(_linear(w), x)
     # what an Int8Linear runs: canonical INT8 weight, packed once on first use (prepared form)
+    if impl == "glufx_rotated":  # + the online block-Hadamard rotation (with signs) fused before quantization
+        from glufx.rotate import fold, hadamard_block, random_signs
+
+        block, signs = hadamard_block(w.shape[1]), random_signs(w.shape[1], 0)
+        w_q, w_s = torch.ops.glufx.quantize_weight(fold(w, block, signs))
+        return lambda x: torch.ops.glufx.int8_linear(x, w_q, w_s, None, None, PER_TOKEN, signs, block)
     w_q, w_s = torch.ops.glufx.quantize_weight(w)
     return lambda x: torch.ops.glufx.int8_linear(x, w_q, w_s, None, None, PER_TOKEN)
 

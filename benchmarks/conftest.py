@@ -50,13 +50,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"glufx linear benchmark  torch {torch.__version__}  torchao {torchao.__version__}  numpy "
                   f"{numpy.__version__}  {platform.processor() or platform.machine()}  flags: {_cpu_flags()}")
     tr.write_line("median ms per call; ratios = baseline time / glufx time (> 1: glufx faster)")
-    impls = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx"]
+    impls = ["fp32_linear", "fp32_numpy", "fbgemm_dynamic", "torchao_int8", "pt2e_x86", "glufx", "glufx_rotated"]
     tr.write_line(f"{'K x N':>12} {'M':>4} {'thr':>3} " + "".join(f"{i:>15}" for i in impls)
-                  + f"{'vs best FP32':>14}{'vs fbgemm':>11}{'vs torchao':>11}{'vs PT2E':>9}")
+                  + f"{'vs best FP32':>14}{'vs fbgemm':>11}{'vs torchao':>11}{'vs PT2E':>9}{'rotation cost':>14}")
     for (shape, M, th), d in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         g = d.get("glufx")
         cells = "".join(f"{1e3 * d[i]:15.3f}" if i in d else f"{'-':>15}" for i in impls)
         best_fp = min(d[i] for i in ("fp32_linear", "fp32_numpy") if i in d) if g else None
         ratio = lambda b: f"{b / g:.2f}x" if g and b else "-"  # noqa: E731
         tr.write_line(f"{shape:>12} {M:>4} {th:>3} {cells}{ratio(best_fp):>14}{ratio(d.get('fbgemm_dynamic')):>11}"
-                      f"{ratio(d.get('torchao_int8')):>11}{ratio(d.get('pt2e_x86')):>9}")
+                      f"{ratio(d.get('torchao_int8')):>11}{ratio(d.get('pt2e_x86')):>9}"
+                      + (f"{100 * (d['glufx_rotated'] / g - 1):+13.1f}%" if g and "glufx_rotated" in d else f"{'-':>14}"))

@@ -7,7 +7,8 @@ Each positional argument is a recipe: a granularity, optionally followed by Gluf
 (`per_token:rotation=off,qfem=off`). Gemma 3 270M (from its local package), calibration N x 512
 tokens, WikiText-2 16 windows x 512 tokens, BOS first, positions 2..511 scored for every row (QFeP
 models predict from position 2 on), FP32 measured in the same process. Prints one row per recipe
-(perplexity, change vs FP32, INT8 share of decoder-linear parameters, calibration seconds) and with
+(perplexity, change vs FP32, INT8 share of decoder-linear parameters, calibration seconds; for a QFeP
+plan also the FP model with the same prefix, and the prefix's KL on held-out calibration text) and with
 --json appends the rows to a file.
 """
 from __future__ import annotations
@@ -65,12 +66,17 @@ def main(argv=None):
         t_cal = time.perf_counter() - t0
         q = glufx.compile(copy.deepcopy(model), plan=plan)
         ppl = perplexity(q, windows, first_scored=2, progress=False)
-        row = {"recipe": spec, "ppl": ppl, "fp32": fp, "delta_pct": 100 * (ppl / fp - 1),
+        # a QFeP model against the FP model with the same prefix too: the prefix's own effect apart
+        fp_prefixed = perplexity(glufx.prefixed(copy.deepcopy(model), plan), windows, first_scored=2,
+                                 progress=False) if plan.qfep else None
+        row = {"recipe": spec, "ppl": ppl, "fp32": fp, "delta_pct": 100 * (ppl / fp - 1), "fp32_prefixed": fp_prefixed,
                "int8_share": plan.int8_param_share(), "calib_s": t_cal,
                "static_share": _static_share(plan), "qfep": plan.qfep["token_ids"] if plan.qfep else None}
         rows.append(row)
         print(f"{spec:<48} ppl {ppl:8.3f}  {row['delta_pct']:+7.2f} %  INT8 {100 * row['int8_share']:5.1f} %  "
-              f"static {100 * row['static_share']:5.1f} %  calib {t_cal:6.0f} s", flush=True)
+              f"static {100 * row['static_share']:5.1f} %  calib {t_cal:6.0f} s"
+              + (f"  | FP32 + its prefix {fp_prefixed:.3f} (prefix FP KL {plan.qfep['fp_kl']:.4f})" if plan.qfep else ""),
+              flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .calibdata import prepare
+from .calibdata import is_causal_lm, prepare
 from .config import GlufxConfig
 from .lower import check_plan, lower
 from .nn import SUPPORTED_DEVICES
@@ -47,7 +47,7 @@ def calibrate(model: nn.Module, calib_data: Any, config: Optional[GlufxConfig] =
     config = config or GlufxConfig()
     if not isinstance(config, GlufxConfig):
         raise TypeError(f"glufx: config must be a glufx.GlufxConfig, got {type(config).__name__}")
-    recipe = recipe or config.recipe()
+    recipe = recipe or config.recipe(causal_lm=is_causal_lm(model))
     check_model(model)
     was_training = model.training
     model.eval()
@@ -66,6 +66,7 @@ def calibrate(model: nn.Module, calib_data: Any, config: Optional[GlufxConfig] =
     plan.config = {**config.to_dict(), "recipe": recipe.to_dict()}
     plan.stats, plan.observations = ctx.stats, ctx.observations
     plan.calibration = {
+        **plan.calibration,  # what stages recorded (a declined QFeP prefix)
         "sequences": ctx.calib.n_sequences, "tokens": ctx.calib.n_tokens, "heldout_sequences": len(ctx.calib.heldout),
         "bos_token_id": ctx.calib.bos_token_id, "qfep_active": plan.qfep is not None, "match": ctx.match.counts(),
         "observations": len(ctx.observations), "seconds": time.perf_counter() - t0,
@@ -103,7 +104,9 @@ def compile(model: nn.Module, calib_data: Any = None, config: Optional[GlufxConf
             raise TypeError(f"glufx.compile: plan must be a glufx.Plan (glufx.Plan.load(path)), got {type(plan).__name__}")
         check_model(model)
     check_plan(model, plan)
-    # The prefix KV must come from the floating-point model: compute it before lowering.
+    # The prefix KV comes from the floating-point model as calibration saw it (transformed, FP):
+    # compute it after the transforms, before lowering (glufx.prefixed does the same).
+    apply_transforms(model, plan)
     prefix = compute_prefix_kv(model, plan.qfep["token_ids"]) if plan.qfep else None
     lower(model, plan)
     if prefix is not None:

@@ -10,7 +10,12 @@ from .recipe import (QFEM_MODES, ROTATIONS, SCALE_METHODS, TRANSFORMS, DecideGra
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
 CONFIG_VERSION = 1
-QFEP_METHODS = ("off",) + _PREFIX_METHODS
+QFEP_METHODS = ("auto", "off") + _PREFIX_METHODS
+# "auto": glufx's best measured choice for the granularity (README, "What each technique contributes"):
+# a QFeP prefix for static scales (it holds BOS's spikes in FP KV); dynamic scales with the online
+# rotation do without one
+AUTO_QFEP = {"static": "paper", "per_sequence": "off", "per_tensor": "off", "per_token": "off"}
+AUTO_TRANSFORM = "smooth"
 
 
 @dataclass
@@ -32,16 +37,18 @@ class GlufxConfig:
     heldout_samples: int = 4  # sequences held out of scoring, for the auto search
     max_search_steps: int = 12
     min_score: float = 2.0  # groups scoring below this are never candidates (no spike to speak of)
-    # QFeP: "paper" ([BOS, c*, s*] by the rho search), "prefixquant" (outlier-count length), or "off"
-    qfep: str = "off"
+    # QFeP: "paper" ([BOS, c*, s*] by the rho search), "prefixquant" (outlier-count length), "off", or
+    # "auto" (AUTO_QFEP: paper for static scales, off otherwise; off for models without a KV cache)
+    qfep: str = "auto"
     quantize_lm_head: bool = False  # the paper keeps lm_head in FP
     # run gate, up, activation and product of each GLU module as one op (glufx::int8_glu_packed;
     # same outputs as unfused, one activation quantization and one pass over both weights)
     fuse_glu: bool = False
     require_glu: bool = True  # refuse models without a GLU block (glufx's method targets them)
-    # FP-equivalent transform before quantization: "identity" (none) or "smooth_up_down" (SmoothQuant
-    # scaling at every GLU's up -> down seam, exponent smooth_alpha)
-    transform: str = "identity"
+    # FP-equivalent transform before quantization: "smooth" (every seam the graph proves, norm -> its
+    # linears and up -> down, strength searched per seam), "smooth_up_down" (SmoothQuant at up -> down
+    # only, exponent smooth_alpha), "identity" (none); "auto" = smooth
+    transform: str = "auto"
     smooth_alpha: float = 0.5
     # online rotation of quantized linears' inputs (glufx/rotate.py): "hadamard" (block Hadamard with
     # random signs, for every module with dynamic activation scales; static ones stay unrotated) or "off"
@@ -68,7 +75,7 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.rotation={self.rotation!r}; choose one of {ROTATIONS}")
         if self.scales not in SCALE_METHODS:
             raise ValueError(f"GlufxConfig.scales={self.scales!r}; choose one of {SCALE_METHODS}")
-        if self.transform not in TRANSFORMS:
+        if self.transform not in TRANSFORMS + ("auto",):
             raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
         if self.alpha is not None and self.qfem == "auto":
             self.qfem = "alpha"
@@ -82,12 +89,12 @@ class GlufxConfig:
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"GlufxConfig.tolerance must lie in [0, 1), got {self.tolerance}")
 
-    def recipe(self) -> Recipe:
+    def recipe(self, causal_lm: bool = True) -> Recipe:
         """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
-        stages = [Observe(), Transform(self.transform, alpha=self.smooth_alpha, granularity=self.granularity,
+        stages = [Observe(), Transform(self.resolved("transform"), alpha=self.smooth_alpha, granularity=self.granularity,
                                        rotation_block=self.rotation_block if self.rotation != "off" else 0)]
-        if self.qfep != "off":
-            stages.append(DecideQFeP(self.qfep))
+        if self.resolved("qfep") != "off" and (causal_lm or self.qfep != "auto"):
+            stages.append(DecideQFeP(self.resolved("qfep")))
         stages += [DecideGranularity(self.granularity)]
         if self.rotation != "off":
             stages.append(Rotate(self.rotation, max_block=self.rotation_block))
@@ -96,6 +103,13 @@ class GlufxConfig:
                               tolerance=self.tolerance, max_search_steps=self.max_search_steps,
                               min_score=self.min_score)]
         return Recipe(stages)
+
+    def resolved(self, option: str) -> str:
+        """An option's value with "auto" replaced by what it means for this granularity."""
+        value = getattr(self, option)
+        if value != "auto":
+            return value
+        return AUTO_QFEP[self.granularity] if option == "qfep" else AUTO_TRANSFORM
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -301,18 +301,25 @@ def _relative_change(ref, out) -> float:
 @dataclass
 class DecideQFeP(Stage):
     """The quantization-free prefix (docs/method.md §4): search it, cache its KV from the FP model and
-    run every later stage on the model with the prefix in front (which re-observes)."""
+    run every later stage on the model with the prefix in front (which re-observes). The prefix's own
+    effect on the FP model (KL per token on held-out sequences) is measured and recorded; a prefix whose
+    effect exceeds `max_fp_kl` is declined (the plan says why) and calibration goes on without one."""
 
     method: str = "paper"
+    max_fp_kl: float = 0.05
     version: int = STAGE_VERSION
     name: ClassVar[str] = "qfep"
 
     def __post_init__(self):
         super().__post_init__()
         self._choose("method", QFEP_METHODS)
+        if not self.max_fp_kl >= 0:
+            raise ValueError(f"DecideQFeP.max_fp_kl must be >= 0, got {self.max_fp_kl}")
 
     def run(self, ctx: Context) -> dict:
-        from .decide.qfep import search_paper, search_prefixquant
+        import warnings
+
+        from .decide.qfep import document_start_token, prefix_fp_effect, search_paper, search_prefixquant
         from .prefix import PrefixedLM, compute_prefix_kv
 
         if not ctx.lm:
@@ -322,16 +329,28 @@ class DecideQFeP(Stage):
         scored = [f for f in ctx.targets() if f in by_fqn]
         target = max(scored, key=lambda f: by_fqn[f].score)
         bos = ctx.calib.bos_token_id
+        start = document_start_token(ctx.model, bos)  # BOS, or the document separator of a model without one
         if self.method == "paper":
-            qfep = search_paper(ctx.model, target, by_fqn[target], ctx.calib, bos)
+            qfep = search_paper(ctx.model, target, by_fqn[target], ctx.calib, start)
         else:
             downs = [by_fqn[f] for f in scored if ctx.match.projections[f].role == "down"] or [by_fqn[target]]
-            qfep = search_prefixquant(target, downs, bos)
+            qfep = search_prefixquant(target, downs, start)
+        runner = PrefixedLM(ctx.model, compute_prefix_kv(ctx.model, qfep["token_ids"]), drop_bos=False)
+        effect = prefix_fp_effect(ctx.model, runner, ctx.calib.heldout or ctx.calib.batches[:1], bos)
+        qfep.update(fp_kl=effect, max_fp_kl=self.max_fp_kl, start_token=start,
+                    start="bos" if bos is not None else ("document separator" if start is not None else "none"))
+        if effect > self.max_fp_kl:
+            why = (f"the prefix {qfep['token_ids']} changes the FP model by KL {effect:.3f} per token on held-out "
+                   f"sequences (bound {self.max_fp_kl}): it would be credited with what it changes, not what it "
+                   "protects; QFeP declined (raise DecideQFeP.max_fp_kl to keep it)")
+            warnings.warn("glufx: " + why, stacklevel=2)
+            ctx.plan.calibration["qfep_declined"] = {**qfep, "why": why}
+            return {"declined": True, "fp_kl": effect, "token_ids": qfep["token_ids"], "why": why}
         ctx.plan.qfep = qfep
-        ctx.runner = PrefixedLM(ctx.model, compute_prefix_kv(ctx.model, qfep["token_ids"]), drop_bos=False)
+        ctx.runner = runner
         ctx.calib = ctx.calib.without_bos()  # the prefix holds BOS: the user's tokens follow it
         ctx.stale = True
-        return {"token_ids": qfep["token_ids"], "target": target, "method": self.method}
+        return {"token_ids": qfep["token_ids"], "target": target, "method": self.method, "fp_kl": effect}
 
 
 @dataclass
@@ -364,7 +383,7 @@ class DecideGranularity(Stage):
 
 @dataclass
 class Rotate(Stage):
-    """Online Hadamard rotation of each quantized linear's input (glufx/rotate.py, docs/method.md §8):
+    """Online Hadamard rotation of each quantized linear's input (glufx/rotate.py, docs/method.md §7):
     blocks of the largest power of two dividing the input size, at most `max_block`, after random signs
     (`signs`, seeded by `seed`). Modules with static scales are left unrotated (a rotated input's static
     scale is set by the tokens of largest norm: measured ruinous), as are sizes with no even factor."""

@@ -1,4 +1,4 @@
-"""Online Hadamard rotation of quantized linears' inputs (docs/method.md §8).
+"""Online Hadamard rotation of quantized linears' inputs (docs/method.md §7).
 
 For an orthogonal R, `W x = (W R^T)(R x)`. glufx uses R = H_b D: D a diagonal of random signs, H_b the
 block-diagonal Walsh-Hadamard transform with blocks of b features (b the largest power of two dividing
@@ -7,11 +7,11 @@ per-channel quantization); the activation is rotated inside the glufx op, right 
 quantization (csrc/cpu/hadamard.cpp). A channel outlier present on every token is spread over its
 block, so one per-token scale fits every channel: on Gemma 3 270M, per-token W8A8 goes from +3.7 % to
 +0.15 % perplexity with b = 128 and signs (b = 64: +0.7 %, b = 256: +0.4 %, b = whole input: +0.5 %,
-without signs +0.3 %; fake quantization, docs/method.md §8).
+without signs +0.3 %; fake quantization, docs/method.md §7).
 
 It is applied to any linear, whatever the graph around it, because it lives inside the op: it needs
 no seam. It is not applied to static scales: once the outliers are spread out, a static scale is set
-by the tokens of largest norm, which measured ruinous (docs/method.md §8).
+by the tokens of largest norm, which measured ruinous (docs/method.md §7).
 """
 from __future__ import annotations
 

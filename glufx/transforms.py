@@ -87,29 +87,39 @@ def record(plan: Plan, kind: str, producer: str, consumer, s: torch.Tensor, befo
     return entry
 
 
-def transform_state(entry: dict, weight_of: Callable[[str], torch.Tensor]) -> str:
-    """'before', 'after' (the weights already carry it) or 'other' (weights this plan does not describe);
-    `weight_of(fqn)` gives a touched module's weight (from a model, or a dynamo graph's inputs)."""
-    fp = fingerprint(*(weight_of(f) for f in (entry["producer"], *entry["consumers"])))
-    if _same(fp, entry["fingerprint_after"]):
+def plan_transform_state(transforms: list[dict], weight_of: Callable[[str], Optional[torch.Tensor]]) -> str:
+    """'before' (no transform applied), 'after' (all applied) or 'other', over every tensor the plan's
+    transforms touch (one tensor may be touched by several: a norm seam scales up's columns, the up ->
+    down seam its rows); tensors `weight_of` returns None for are not checked (a graph lacking them)."""
+    first, last = {}, {}
+    for e in transforms:
+        for name, b, a in zip([e["producer"], *e["consumers"]], e["fingerprint_before"], e["fingerprint_after"]):
+            first.setdefault(name, b)
+            last[name] = a
+    values = {n: weight_of(n) for n in first}
+    names = [n for n, v in values.items() if v is not None]
+    fp = {n: fingerprint(values[n])[0] for n in names}
+    if _same([fp[n] for n in names], [last[n] for n in names]):
         return "after"
-    if _same(fp, entry["fingerprint_before"]):
+    if _same([fp[n] for n in names], [first[n] for n in names]):
         return "before"
     return "other"
 
 
 def apply_transforms(model: nn.Module, plan: Plan) -> int:
-    """Replay the plan's transforms on `model` (skipping those it already carries); returns how many ran."""
+    """Replay the plan's transforms on `model` unless it carries them all already; returns how many ran."""
+    if not plan.transforms:
+        return 0
+    state = plan_transform_state(plan.transforms, lambda fqn: weight_of(model, fqn))
+    if state == "after":
+        return 0
+    if state == "other":
+        raise ValueError(
+            "glufx: the weights the plan's equivalence transforms touch are neither those the plan was calibrated on "
+            "nor their transformed form: the plan belongs to another model (or the weights were changed since); "
+            "calibrate this model")
     n = 0
     for entry in plan.transforms:
-        state = transform_state(entry, lambda fqn: weight_of(model, fqn))
-        if state == "after":
-            continue
-        if state == "other":
-            raise ValueError(
-                f"glufx: the weights of {entry['producer']} / {entry['consumers']} are neither those the plan was "
-                "calibrated on nor their transformed form: the plan belongs to another model (or the weights were "
-                "changed since); calibrate this model")
         if entry["kind"] == "scale_up_down":
             scale_up_down(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
                           plan.tensors[entry["tensor"]])

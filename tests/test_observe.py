@@ -8,7 +8,8 @@ from glufx.config import GlufxConfig
 
 from conftest import tiny_model
 
-CFG = dict(qfem="off", seq_len=48, batch_size=4, progress=False)
+# the observer under test sees the FP model as given: no transform (a transform re-observes), no prefix
+CFG = dict(qfem="off", seq_len=48, batch_size=4, progress=False, transform="identity", qfep="off")
 
 
 def _stats(model, ids):

@@ -131,3 +131,37 @@ def test_export_with_prefix_save_load_fresh_process(calib_ids, tmp_path):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "maxdiff 0.0" in res.stdout
+
+
+def test_qfep_records_its_fp_effect_and_starts_no_bos_models_at_the_document_separator(calib_ids):
+    # a tokenizer without BOS (Qwen2.5): the prefix starts from EOS, what such a model sees between documents
+    model = tiny_model("qwen2")
+    model.config.bos_token_id = None
+    ids = calib_ids[:, 1:]
+    plan = glufx.calibrate(model, ids, glufx.GlufxConfig(**CFG, qfep="paper", qfem="off"))
+    assert plan.qfep["start"] == "document separator" and plan.qfep["token_ids"][0] == model.config.eos_token_id
+    effect = plan.qfep["fp_kl"]
+    assert 0 < effect <= plan.qfep["max_fp_kl"]
+    # the FP model with the prefix vs without, measured by hand on all the sequences: the same effect
+    # (calibration measured it on its held-out sample of them)
+    from glufx.calibdata import pad_batches
+    from glufx.decide.qfep import prefix_fp_effect
+
+    fresh = tiny_model("qwen2")
+    fresh.config.bos_token_id = None
+    fp_prefixed = glufx.prefixed(fresh, plan)  # the plan's transforms and prefix on the FP model
+    # the plain side as calibration measured it: transformed, no prefix
+    model = glufx.prefixed(model, glufx.Plan.from_dict({**plan.to_dict(), "qfep": None}, plan.tensors))
+    by_hand = prefix_fp_effect(model, fp_prefixed, pad_batches(list(ids), 4, 0), None)
+    assert 0.5 * effect < by_hand < 2 * effect
+
+
+def test_qfep_declines_a_prefix_that_changes_the_fp_model(calib_ids):
+    from glufx import DecideGranularity, DecideQFeP, Observe, Recipe
+
+    model = tiny_model("llama")
+    recipe = Recipe([Observe(), DecideQFeP("paper", max_fp_kl=0.0), DecideGranularity("per_token")])
+    with pytest.warns(UserWarning, match="QFeP declined"):
+        plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG), recipe=recipe)
+    assert plan.qfep is None and plan.calibration["qfep_declined"]["fp_kl"] > 0
+    assert not isinstance(glufx.compile(model, plan=plan), PrefixedLM)

@@ -33,7 +33,8 @@ def test_stage_configs_are_validated():
 def test_default_recipe_records_structured_decisions(calib_ids):
     model = tiny_model("llama")
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
-    assert [s["stage"] for s in plan.stages] == ["Observe", "Transform", "DecideGranularity", "Rotate",
+    # the transform changes the FP model: statistics are observed again before the first stage reading them
+    assert [s["stage"] for s in plan.stages] == ["Observe", "Transform", "DecideGranularity", "Rotate", "Observe",
                                                  "DecideScales", "DecideQFeM"]
     rotated = [m for m in plan.modules.values() if m.rotation]
     assert rotated and all(m.decisions["rotation"]["rotated"] for m in rotated)
@@ -45,7 +46,7 @@ def test_default_recipe_records_structured_decisions(calib_ids):
                for m in kept)
     int8 = [m for m in plan.modules.values() if m.action == "int8"]
     assert all(m.decisions["granularity"]["granularity"] == "per_sequence" for m in int8)
-    assert plan.calibration["observations"] == 1  # identity transform: nothing to observe again
+    assert plan.calibration["observations"] == 2  # the transform changed the FP model: observed again
 
 
 def test_per_module_granularity(calib_ids):

@@ -92,7 +92,7 @@ def test_smooth_is_fp_equivalent_and_leaves_the_user_model_alone(family, calib_i
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, granularity="static", transform="smooth",
-                                                               qfem="off"))
+                                                               qfem="off", qfep="off"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     summary = next(s for s in plan.stages if s["stage"] == "Transform")["summary"]
     assert summary["seams"] >= 2 and summary["max_fp_change"] <= 1e-5
@@ -133,6 +133,6 @@ def test_smooth_lowers_static_error(calib_ids):
     kls = {}
     for t in ("identity", "smooth"):
         plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, granularity="static", transform=t,
-                                                                   qfem="off"))
+                                                                   qfem="off", qfep="off"))
         kls[t] = _kl(model, glufx.compile(copy.deepcopy(model), plan=plan), calib_ids[8:])
     assert kls["smooth"] < kls["identity"], kls

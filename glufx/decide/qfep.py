@@ -6,7 +6,12 @@ spike on the first occurrence of s in [BOS, c, s, c, s] is largest relative to t
 rho = a(pos 2) / a(pos 4). Prefix [BOS, c*, s*].
 `prefixquant` (arXiv 2410.05265): length = mean number of tokens per sequence whose down_proj input
 exceeds eta x the median, tokens = the most frequent such tokens, BOS last.
-Models whose tokenizer adds no BOS (Qwen) get the same prefixes without it: [c, s, c, s] and [c*, s*].
+Models whose tokenizer adds no BOS (Qwen) start from what they see at a document start instead, their
+document separator (EOS, e.g. `<|endoftext|>`): [EOS, c*, s*]; with neither, [c*, s*].
+
+A prefix changes the model it protects as well: `prefix_fp_effect` measures the FP model with the
+prefix against the plain FP model (KL per token on held-out calibration sequences), and DecideQFeP
+declines a prefix whose effect exceeds its bound (docs/method.md §4).
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..calibdata import CalibrationSet
+import torch.nn.functional as F
+
+from ..calibdata import Batch, CalibrationSet
 from ..observe import OUTLIER_ETA, InputStats
 
 
@@ -95,3 +102,35 @@ def search_prefixquant(target: str, down_stats: list[InputStats], bos: Optional[
     return {"method": "prefixquant", "target": target, "token_ids": tokens + ([bos] if bos is not None else []),
             "eta": OUTLIER_ETA, "mean_outliers_per_sequence": mean_len,
             "candidates": [{"token_id": t, "count": c} for t, c in counts.most_common(8)]}
+
+
+def document_start_token(model: nn.Module, bos: Optional[int]) -> Optional[int]:
+    """What the model sees before a document: BOS, else its document separator (the first EOS id)."""
+    if bos is not None:
+        return bos
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return eos
+
+
+@torch.no_grad()
+def prefix_fp_effect(model: nn.Module, prefixed: nn.Module, batches: list[Batch], bos: Optional[int]) -> float:
+    """Mean KL(P_plain || P_prefixed) per token of the FP model without and with the prefix, on the
+    user's tokens from the second on (the first has no context in the plain model)."""
+    total, count = 0.0, 0
+    for b in batches:
+        ids = b.token_ids
+        if ids is None:
+            continue
+        has_bos = bos is not None and bool((ids[:, 0] == bos).all())
+        user = ids[:, 1:] if has_bos else ids
+        plain = model(input_ids=ids, use_cache=False).logits.float()
+        plain = plain[:, 1:] if has_bos else plain  # plain[:, i] and pref[:, i] predict user[:, i + 1]
+        pref = prefixed(input_ids=user).logits.float()
+        p, q = F.log_softmax(plain[:, 1:-1], -1), F.log_softmax(pref[:, 1:-1], -1)
+        mask = b.mask[:, -user.shape[1]:][:, 1:-1] if b.mask is not None else torch.ones(p.shape[:2], dtype=torch.bool)
+        kl = (p.exp() * (p - q)).sum(-1)
+        total += float(kl[mask].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)

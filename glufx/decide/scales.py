@@ -1,4 +1,4 @@
-"""Static activation scales (docs/method.md §9).
+"""Static activation scales (docs/method.md §8).
 
 `absmax`: the calibration inputs' absolute maximum / 127 (nothing clipped). `clip_search`: for every
 group of static INT8 linears that read one input (q/k/v, gate/up, ...), the clipping ratio c of
@@ -35,18 +35,19 @@ def sample_inputs(ctx, fqns: list[str], max_tokens: int, seed: int = 0) -> dict[
     def hook(fqn):
         def pre(_mod, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # x: [B*T, K]
-            keep = state["keep"]
-            rows[fqn].append(x[keep] if keep.numel() <= x.shape[0] else x)
+            if state.get("keep") is None or state["rows"] != x.shape[0]:  # one draw per batch, shared by all
+                valid = state["valid"] if state["valid"] is not None and state["valid"].numel() == x.shape[0] \
+                    else torch.ones(x.shape[0], dtype=torch.bool)
+                idx = valid.nonzero().flatten()
+                state["keep"], state["rows"] = idx[torch.randperm(len(idx), generator=g)[:per_batch]].sort().values, x.shape[0]
+            rows[fqn].append(x[state["keep"]])
         return pre
 
     handles = [ctx.model.get_submodule(f).register_forward_pre_hook(hook(f)) for f in fqns]
     extra = {"logits_to_keep": 1} if is_causal_lm(runner) else {}
     try:
         for b in tqdm(batches, desc="glufx sample inputs", unit="batch", disable=not ctx.progress):
-            ids = b.kwargs.get("input_ids")
-            n = ids.numel() if ids is not None else b.mask.numel()
-            valid = b.mask.reshape(-1).nonzero().flatten() if b.mask is not None else torch.arange(n)
-            state["keep"] = valid[torch.randperm(len(valid), generator=g)[:per_batch]].sort().values
+            state.update(keep=None, valid=b.mask.reshape(-1).bool() if b.mask is not None else None)
             runner(*b.args, **b.kwargs, **extra)
     finally:
         for h in handles:

@@ -29,7 +29,7 @@ from ..match import is_linear, match_graph, module_fqn, projection_input
 from ..nn import Int8Linear
 from ..ops.schema import GRANULARITIES
 from ..plan import Plan
-from ..transforms import transform_state
+from ..transforms import plan_transform_state
 from .inductor import compile_graph
 
 counters: Counter = Counter()
@@ -174,13 +174,10 @@ def _check_transforms(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> N
                 key = _plan_key(module_fqn(user) or "", plan)
                 if key is not None:
                     by_fqn[key] = value
-    for entry in plan.transforms:
-        if not all(f in by_fqn for f in (entry["producer"], *entry["consumers"])):
-            continue
-        if transform_state(entry, by_fqn.__getitem__) != "after":
-            raise ValueError("glufx backend: the plan has equivalence transforms the compiled model does not carry; "
-                             'compile torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
-                             "(glufx.prefixed applies the plan's transforms and QFeP prefix)")
+    if by_fqn and plan_transform_state(plan.transforms, by_fqn.get) != "after":
+        raise ValueError("glufx backend: the plan has equivalence transforms the compiled model does not carry; "
+                         'compile torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan}) '
+                         "(glufx.prefixed applies the plan's transforms and QFeP prefix)")
 
 
 def _holds_prefix(gm: fx.GraphModule) -> bool:

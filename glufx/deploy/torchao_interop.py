@@ -9,6 +9,9 @@ Mapping (weights per output channel, symmetric, in every case):
                                                                granularity=[PerTensor(), PerRow()])
   kept in FP (QFeM, head, router, experts) -> None
 `set_inductor_config=False` throughout: glufx never changes global Inductor settings.
+torchao has no online rotation: a plan that rotates inputs is refused (calibrate with
+GlufxConfig(rotation="off") for torchao). A plan's equivalence transforms are FP edits torchao does not
+know either: quantize `glufx.prefixed(model, plan)` (the transformed FP model), not the original.
 """
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ def to_fqn_to_config(plan: Plan):
     from torchao.quantization.quant_api import (Int8DynamicActivationInt8WeightConfig,
                                                 Int8StaticActivationInt8WeightConfig)
 
+    rotated = [f for f, m in plan.modules.items() if m.action == "int8" and m.rotation]
+    if rotated:
+        raise ValueError(f"glufx.to_torchao: the plan rotates the inputs of {len(rotated)} modules (e.g. {rotated[0]}) "
+                         "inside glufx's ops; torchao has no such kernel. Calibrate with "
+                         "GlufxConfig(rotation='off') for a torchao config")
     configs: OrderedDict = OrderedDict()
     for fqn, mp in plan.modules.items():
         if mp.kind != "linear":

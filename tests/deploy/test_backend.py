@@ -28,8 +28,9 @@ def test_backend_equals_glufx_compile(family, options, calib_ids):
     eager = glufx.compile(copy.deepcopy(model), plan=plan)
     torch._dynamo.reset()
     before = dict(glufx_backend.counters)
-    # the rewritten graph as is, and through Inductor with eager's float math: both bit-equal
-    compiled = torch.compile(model, backend="glufx", options={"plan": plan, **options}, dynamic=True)
+    # the rewritten graph as is, and through Inductor with eager's float math: both bit-equal (prefixed
+    # applies the plan's equivalence transforms to the FP model, as the backend requires)
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan, **options}, dynamic=True)
     with torch.no_grad():
         for T in (9, 17, 30):
             x = calib_ids[:2, :T]
@@ -56,7 +57,7 @@ def test_inductor_exact_with_kept_biased_linears(calib_ids):
             mp.action, mp.reason = "fp", "kept by the test"
     eager = glufx.compile(copy.deepcopy(model), plan=plan)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="glufx", options={"plan": plan})
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan})
     x = calib_ids[:3, :21]
     with torch.no_grad():
         assert torch.equal(compiled(input_ids=x, use_cache=False).logits, eager(input_ids=x, use_cache=False).logits)
@@ -67,7 +68,7 @@ def test_inductor_free_float_math_stays_close(calib_ids):
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
     eager = glufx.compile(copy.deepcopy(model), plan=plan)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="glufx", options={"plan": plan, "exact": False})
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan, "exact": False})
     with torch.no_grad():
         a = compiled(input_ids=calib_ids[:2, :12], use_cache=False).logits
         b = eager(input_ids=calib_ids[:2, :12], use_cache=False).logits
@@ -101,7 +102,7 @@ def test_quantized_weights_cached_across_recompiles(calib_ids):
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
     eager = glufx.compile(copy.deepcopy(model), plan=plan)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="glufx", options={"plan": plan, "inductor": False}, dynamic=False)
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan, "inductor": False}, dynamic=False)
     with torch.no_grad():
         compiled(input_ids=calib_ids[:2, :9], use_cache=False)
         before = dict(glufx_backend.counters)
@@ -116,7 +117,7 @@ def test_quantized_weights_cached_across_recompiles(calib_ids):
     other = tiny_model("llama", seed=1)
     plan1 = glufx.calibrate(other, calib_ids, glufx.GlufxConfig(**CFG))
     ref = glufx.compile(copy.deepcopy(other), plan=plan1)
-    compiled = torch.compile(other, backend="glufx", options={"plan": plan1, "inductor": False})
+    compiled = torch.compile(glufx.prefixed(other, plan1), backend="glufx", options={"plan": plan1, "inductor": False})
     with torch.no_grad():
         x = calib_ids[:2, :9]
         assert torch.equal(compiled(input_ids=x, use_cache=False).logits, ref(input_ids=x, use_cache=False).logits)
@@ -153,7 +154,7 @@ def test_backend_fuses_glus_as_lower_does(calib_ids):
     assert n_glu == 2
     torch._dynamo.reset()
     before = glufx_backend.counters["glu_fused"]
-    compiled = torch.compile(model, backend="glufx", options={"plan": plan, "inductor": False})
+    compiled = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan, "inductor": False})
     with torch.no_grad():
         a = compiled(input_ids=calib_ids[:2, :13], use_cache=False).logits
         b = eager(input_ids=calib_ids[:2, :13], use_cache=False).logits

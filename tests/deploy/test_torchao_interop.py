@@ -1,4 +1,5 @@
 """The plan as a torchao FqnToConfig quantizes exactly the modules the plan quantizes."""
+import pytest
 import torch
 
 import glufx
@@ -11,7 +12,10 @@ def test_fqn_to_config_drives_quantize_(calib_ids):
     from torchao.quantization import FqnToConfig, quantize_
 
     model = tiny_model("llama")
-    plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
+    with pytest.raises(ValueError, match="rotation='off'"):
+        glufx.to_torchao(glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG)))
+    plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, rotation="off"))
+    model = glufx.prefixed(model, plan)  # the plan's FP-equivalent transforms, which torchao does not know
     cfg = glufx.to_torchao(plan)
     assert isinstance(cfg, FqnToConfig)
     assert cfg.fqn_to_config["model.layers.0.mlp.down_proj"] is None  # kept by QFeM
