@@ -27,38 +27,82 @@ def gemma():
     return load_gemma3_270m()
 
 
+# plain W8A8 (round to nearest, every decoder linear, nothing else): what glufx has to beat
+STATIC_BOUND = 1.05  # the issue's static target, +5 %
+ROUND_TO_NEAREST = dict(qfem="off", qfep="off", rotation="off", transform="identity", scales="absmax")
+
+
 @pytest.fixture(scope="module")
 def results(gemma):
     model, tok = gemma
     windows = wikitext2_windows(DATA / "wikitext-2-raw" / "wiki.test.raw", tok, 512, 16)
-    fp = perplexity(model, windows, progress=False)
-    cfg = glufx.GlufxConfig(num_samples=32, seq_len=512, progress=False)
-    plan = glufx.calibrate(model, DATA / "openwebtext" / "openwebtext_800.jsonl", cfg, tokenizer=tok)
-    naive = glufx.compile(copy.deepcopy(model), plan=plan.without_qfem())
-    naive_ppl = perplexity(naive, windows, progress=False)
+    # every row scored from position 2 (the protocol of docs/method.md section 5)
+    fp = perplexity(model, windows, progress=False, first_scored=2)
+    calib = DATA / "openwebtext" / "openwebtext_800.jsonl"
+    base = dict(num_samples=32, seq_len=512, progress=False, granularity="per_token")
+    rtn = glufx.calibrate(model, calib, glufx.GlufxConfig(**base, **ROUND_TO_NEAREST), tokenizer=tok)
+    naive = glufx.compile(copy.deepcopy(model), plan=rtn)
+    rtn_ppl = perplexity(naive, windows, progress=False, first_scored=2)
     del naive
+    plan = glufx.calibrate(model, calib, glufx.GlufxConfig(**base), tokenizer=tok)  # glufx's per-token default
     quant = glufx.compile(copy.deepcopy(model), plan=plan)
-    return {"fp": fp, "naive": naive_ppl, "glufx": perplexity(quant, windows, progress=False), "plan": plan,
-            "model": quant, "tok": tok, "windows": windows}
+    return {"fp": fp, "rtn": rtn_ppl, "rtn_plan": rtn, "glufx": perplexity(quant, windows, progress=False, first_scored=2),
+            "plan": plan, "model": quant, "tok": tok, "windows": windows}
 
 
 def test_plan_ranks_layer0_down_proj_first(results):
-    plan = results["plan"]
+    plan = results["rtn_plan"]  # scores of the untransformed model
     top = plan.ranked()[0]
     assert top.fqn == "model.layers.0.mlp.down_proj"
     assert top.score > 2 * plan.ranked()[2].score
-    assert top.action == "fp"
     assert plan.calibration["match"]["glu_blocks"] == 18
+    # the seams the graph proves: each layer's input_layernorm -> q/k/v and pre_feedforward_layernorm ->
+    # gate/up (Gemma 3's post_attention_layernorm sits on the attention output: never a seam)
+    assert plan.calibration["match"]["norm_seams"] == 36
 
 
-def test_glufx_closes_the_w8a8_gap(results):
-    fp, naive, gx = results["fp"], results["naive"], results["glufx"]
-    print(f"\nGemma 3 270M WikiText-2 16x512: FP32 {fp:.3f}  W8A8 naive {naive:.3f}  glufx {gx:.3f}  "
-          f"INT8 share {results['plan'].int8_param_share():.3f}")
+def test_per_token_within_four_tenths_of_a_percent(results):
+    """Issue acceptance: GlufxConfig(granularity="per_token") within +0.4 % of FP32, >= 90 % INT8; plain
+    round-to-nearest is +3.3 % (measured here too)."""
+    fp, rtn, gx = results["fp"], results["rtn"], results["glufx"]
+    print(f"\nFP32 {fp:.3f}  round-to-nearest per-token {rtn:.3f}  glufx per-token {gx:.3f}")
     assert 20 < fp < 40  # the dequantized Q4_K_M model: a sanity bound, not a target
-    assert naive > fp * 1.15  # spikes really damage naive W8A8 on this model
-    assert (naive - gx) / (naive - fp) >= 0.35
+    assert rtn > fp * 1.02  # channel outliers really damage plain per-token W8A8 on this model
+    assert gx <= fp * 1.004
     assert results["plan"].int8_param_share() >= 0.90
+    rotated = [m for m in results["plan"].modules.values() if m.rotation]
+    assert len(rotated) == len(results["plan"].quantized())
+
+
+def test_every_transform_keeps_the_fp_model(gemma, results):
+    model, _ = gemma
+    plan = results["plan"]
+    summary = next(s for s in plan.stages if s["stage"] == "Transform")["summary"]
+    assert summary["applied"] > 0 and summary["max_fp_change"] <= 1e-5
+    transformed = glufx.prefixed(copy.deepcopy(model), plan)
+    ids = results["windows"][:2, :128]
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, transformed(input_ids=ids).logits
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+
+
+def test_static_within_target(gemma):
+    """GlufxConfig(granularity="static"), every INT8 module static: QFeP, graph-proven smoothing, clip
+    search, QFeM. Issue target +5 % (plain static absmax: +55 %, docs/method.md section 8)."""
+    model, tok = gemma
+    windows = wikitext2_windows(DATA / "wikitext-2-raw" / "wiki.test.raw", tok, 512, 16)
+    fp = perplexity(model, windows, progress=False, first_scored=2)
+    cfg = glufx.GlufxConfig(num_samples=32, seq_len=512, progress=False, granularity="static")
+    plan = glufx.calibrate(model, DATA / "openwebtext" / "openwebtext_800.jsonl", cfg, tokenizer=tok)
+    q = glufx.compile(copy.deepcopy(model), plan=plan)
+    ppl = perplexity(q, windows, progress=False, first_scored=2)
+    fp_prefixed = perplexity(glufx.prefixed(copy.deepcopy(model), plan), windows, progress=False, first_scored=2)
+    print(f"\nstatic: FP32 {fp:.3f}  FP32 + its prefix {fp_prefixed:.3f}  glufx {ppl:.3f} "
+          f"(INT8 {100 * plan.int8_param_share():.1f} %, prefix FP KL {plan.qfep['fp_kl']:.4f})")
+    assert all(m.granularity == "static" for m in plan.modules.values() if m.action == "int8")
+    assert plan.int8_param_share() >= 0.90
+    assert plan.qfep["fp_kl"] <= plan.qfep["max_fp_kl"]
+    assert ppl <= fp * STATIC_BOUND
 
 
 def test_generate(results):
@@ -105,7 +149,7 @@ def test_backend_aoti_and_saved_model_reproduce_eager(gemma, results, tmp_path):
 
     glufx.save(quant, tmp_path / "saved")
     loaded = glufx.load(tmp_path / "saved")
-    assert perplexity(loaded, results["windows"], progress=False) == results["glufx"]
+    assert perplexity(loaded, results["windows"], progress=False, first_scored=2) == results["glufx"]
 
 
 def test_native_kernels_reproduce_the_reference_perplexity(results, monkeypatch):
@@ -118,7 +162,7 @@ def test_native_kernels_reproduce_the_reference_perplexity(results, monkeypatch)
 
     def reference_forward(self, x):
         return reference.int8_linear(x, self.w_q, self.w_scale, self.bias, self.x_scale,
-                                            GRANULARITIES[self.granularity])
+                                     GRANULARITIES[self.granularity], self.rot_signs, self.rot_block)
 
     monkeypatch.setattr(glufx.Int8Linear, "forward", reference_forward)
     ref = perplexity(quant, windows, progress=False)
