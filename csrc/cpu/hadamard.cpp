@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -34,17 +35,22 @@ void fwht_block_generic(float* x, int64_t b) {
 }
 
 #ifdef GLUFX_X86
-// Stages h >= 8 on 8-float vectors; h = 1, 2, 4 scalar (each lane's operations are the scalar ones).
+// Stages h = 1, 2, 4 in registers (lane permutes; each lane computes exactly the scalar a + c or
+// a - c), stages h >= 8 on whole vectors.
 __attribute__((target("avx2"))) void fwht_block_avx2(float* x, int64_t b) {
-  int64_t h = 1;
-  for (; h < b && h < 8; h *= 2)
-    for (int64_t i = 0; i < b; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], c = x[j + h];
-        x[j] = a + c;
-        x[j + h] = a - c;
-      }
-  for (; h < b; h *= 2)
+  // b >= 8 (the caller checks). Upper lanes of a pair take partner - self (= a - c), the others self +
+  // partner (= a + c, commutative in IEEE arithmetic).
+  for (int64_t i = 0; i < b; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    __m256 s = _mm256_permute_ps(v, 0xB1);  // h = 1: partners (0,1) (2,3) ...
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xAA);
+    s = _mm256_permute_ps(v, 0x4E);  // h = 2: partners (0,2) (1,3) ...
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xCC);
+    s = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4: the other 128-bit half
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xF0);
+    _mm256_storeu_ps(x + i, v);
+  }
+  for (int64_t h = 8; h < b; h *= 2)
     for (int64_t i = 0; i < b; i += 2 * h)
       for (int64_t j = i; j < i + h; j += 8) {
         const __m256 a = _mm256_loadu_ps(x + j), c = _mm256_loadu_ps(x + j + h);
@@ -75,7 +81,10 @@ void check_rotation(int64_t K, int64_t block, const c10::optional<at::Tensor>& s
 
 at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional<at::Tensor>& signs) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
-  at::Tensor out = signs.has_value() ? x2d.mul(signs->contiguous().view({1, K})) : x2d.clone();
+  at::Tensor out = at::empty_like(x2d);
+  at::Tensor d = signs.has_value() ? signs->contiguous() : at::Tensor();
+  const float* xs = x2d.data_ptr<float>();
+  const float* ds = d.defined() ? d.data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
   const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
 #ifdef GLUFX_X86
@@ -84,6 +93,12 @@ at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       float* row = y + m * K;
+      const float* src = xs + m * K;
+      if (ds) {
+        for (int64_t j = 0; j < K; ++j) row[j] = src[j] * ds[j];  // +-1: exact
+      } else {
+        std::copy(src, src + K, row);
+      }
       int64_t k = 0;
 #ifdef GLUFX_X86
       if (avx2) {
