@@ -28,7 +28,7 @@ def gemma():
 
 
 # plain W8A8 (round to nearest, every decoder linear, nothing else): what glufx has to beat
-# The static target is +5 %; measured +5.01 % (benchmarks/quality.py, this protocol): the test
+# The static target is +5 %; measured +5.13 % (this test, on this protocol): the test
 # guards the level reached (+6 %), the target is still open.
 STATIC_BOUND = 1.06
 ROUND_TO_NEAREST = dict(qfem="off", qfep="off", rotation="off", transform="identity", scales="absmax")
@@ -72,8 +72,9 @@ def test_per_token_within_four_tenths_of_a_percent(results):
     assert rtn > fp * 1.02  # channel outliers really damage plain per-token W8A8 on this model
     assert gx <= fp * 1.004
     assert results["plan"].int8_param_share() >= 0.90
-    rotated = [m for m in results["plan"].modules.values() if m.rotation]
-    assert len(rotated) == len(results["plan"].quantized())
+    # every INT8 module runs rotated (QFeM may keep some in FP after the rotation stage decided)
+    rotated = [m.fqn for m in results["plan"].modules.values() if m.rotation and m.action == "int8"]
+    assert sorted(rotated) == sorted(results["plan"].quantized())
 
 
 def test_every_transform_keeps_the_fp_model(gemma, results):
