@@ -51,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--json", default=None, help="append result rows (JSON lines) here")
+    ap.add_argument("--progress", action="store_true", help="show calibration progress bars")
     args = ap.parse_args(argv)
 
     model, tok = load_gemma3_270m()
@@ -60,7 +61,7 @@ def main(argv=None):
           flush=True)
     rows = []
     for spec in args.recipes:
-        cfg = glufx.GlufxConfig(num_samples=args.calib_samples, progress=False, **parse_recipe(spec))
+        cfg = glufx.GlufxConfig(num_samples=args.calib_samples, progress=args.progress, **parse_recipe(spec))
         t0 = time.perf_counter()
         plan = glufx.calibrate(model, args.calib, cfg, tokenizer=tok)
         t_cal = time.perf_counter() - t0
@@ -77,6 +78,15 @@ def main(argv=None):
               f"static {100 * row['static_share']:5.1f} %  calib {t_cal:6.0f} s"
               + (f"  | FP32 + its prefix {fp_prefixed:.3f} (prefix FP KL {plan.qfep['fp_kl']:.4f})" if plan.qfep else ""),
               flush=True)
+        if "target" in plan.search:
+            t = plan.search["target"]
+            row["target"] = {k: v for k, v in t.items() if k != "steps"}
+            print(f"  target {t['metric']} {t['budget']}: held-out {t['final_metric']:+.4f} (all per-token "
+                  f"{t['per_token_metric']:+.4f}), static {100 * t['static_share']:.1f} %, per-token "
+                  f"{100 * t['per_token_share']:.1f} %, FP {100 * t['fp_share']:.1f} %, speed estimate "
+                  f"{t['speed_vs_all_static']:.2f}x all-static, {t['evaluations']} evaluations", flush=True)
+            print("  measured curve (static share: held-out metric): " + ", ".join(
+                f"{100 * c['static_share']:.0f} %: {c['metric']:+.4f}" for c in t["curve"]), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -11,12 +11,12 @@ from .lower import PlanMismatchError, counters, lower
 from .nn import Int8GLU, Int8Linear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
-from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, Observe, Recipe, Rotate, Stage,
-                     Transform)
+from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate,
+                     Stage, Transform)
 from .stats import Statistics
 
 __all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "lower", "counters",
            "check_model", "NoGLUError", "CalibrationError", "PlanMismatchError", "prefixed", "export", "aoti_package",
            "save", "load", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
-           "DecideScales", "DecideQFeM", "Rotate", "Statistics"]
+           "DecideScales", "DecideQFeM", "DecideTarget", "Rotate", "Statistics"]
 __version__ = "0.2.0"

@@ -14,7 +14,7 @@ from .lower import check_plan, lower
 from .nn import SUPPORTED_DEVICES
 from .plan import Plan
 from .prefix import PrefixedLM, compute_prefix_kv
-from .recipe import Context, DecideQFeM, NoGLUError, Recipe
+from .recipe import Context, DecideQFeM, DecideTarget, NoGLUError, Recipe
 from .transforms import WeightBackup, apply_transforms
 
 __all__ = ["calibrate", "compile", "prefixed", "check_model", "NoGLUError"]
@@ -54,7 +54,8 @@ def calibrate(model: nn.Module, calib_data: Any, config: Optional[GlufxConfig] =
     t0 = time.perf_counter()
     backup = WeightBackup(model)
     try:
-        needs_heldout = any(isinstance(s, DecideQFeM) and s.mode == "auto" for s in recipe.stages)
+        needs_heldout = any((isinstance(s, DecideQFeM) and s.mode == "auto") or isinstance(s, DecideTarget)
+                            for s in recipe.stages)
         calib = prepare(model, calib_data, tokenizer, seq_len=config.seq_len, num_samples=config.num_samples,
                         batch_size=config.batch_size, heldout_samples=config.heldout_samples if needs_heldout else 0)
         ctx = Context(model=model, calib=calib, plan=Plan(modules={}), quantize_lm_head=config.quantize_lm_head,

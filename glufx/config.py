@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .ops.schema import GRANULARITIES
-from .recipe import (QFEM_MODES, ROTATIONS, SCALE_METHODS, TRANSFORMS, DecideGranularity, DecideQFeM, DecideQFeP, DecideScales,
-                     Observe, Recipe, Rotate, Transform)
+from .recipe import (QFEM_MODES, QFEM_ORDERS, ROTATIONS, SCALE_METHODS, TARGET_METRICS, TRANSFORMS, DecideGranularity, DecideQFeM,
+                     DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate, Transform)
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
 CONFIG_VERSION = 1
@@ -37,6 +37,9 @@ class GlufxConfig:
     heldout_samples: int = 4  # sequences held out of scoring, for the auto search
     max_search_steps: int = 12
     min_score: float = 2.0  # groups scoring below this are never candidates (no spike to speak of)
+    # auto's walk: "score" (spike score, the paper's signal) or "sensitivity" (measured held-out gain of
+    # keeping each sibling group alone in FP; one evaluation per group)
+    qfem_order: str = "score"
     # QFeP: "paper" ([BOS, c*, s*] by the rho search), "prefixquant" (outlier-count length), "off", or
     # "auto" (AUTO_QFEP: paper for static scales, off otherwise; off for models without a KV cache)
     qfep: str = "auto"
@@ -57,6 +60,12 @@ class GlufxConfig:
     # static scales: "clip_search" (the clipping that minimises the error of the linears' outputs) or
     # "absmax" (no clipping)
     scales: str = "clip_search"
+    # a quality target instead of one granularity (glufx/decide/target.py): each sibling group takes the
+    # cheapest of static -> per-token (rotated) -> FP that keeps the held-out target_metric within
+    # `target` ("ppl": relative perplexity increase, 0.01 = +1 %; "kl": KL per token to the FP model).
+    # granularity then names the cheapest rung, "static"; QFeM's FP rung is bounded by max_fp_param_share
+    target: Optional[float] = None
+    target_metric: str = "ppl"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -77,8 +86,25 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.scales={self.scales!r}; choose one of {SCALE_METHODS}")
         if self.transform not in TRANSFORMS + ("auto",):
             raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
+        if self.target is not None:
+            if not (isinstance(self.target, (int, float)) and self.target > 0):
+                raise ValueError(f"GlufxConfig.target must be a positive number (0.01 = +1 % perplexity), got {self.target!r}")
+            if self.target_metric not in TARGET_METRICS:
+                raise ValueError(f"GlufxConfig.target_metric={self.target_metric!r}; choose one of {TARGET_METRICS}")
+            if self.granularity in ("per_token", "per_tensor"):
+                raise ValueError(f"GlufxConfig(target=...) chooses each module's granularity itself (static -> "
+                                 f"per_token -> FP); granularity={self.granularity!r} would be ignored: drop it")
+            if self.qfem not in ("auto",) or self.alpha is not None:
+                raise ValueError("GlufxConfig(target=...) decides which modules stay in FP itself (within "
+                                 "max_fp_param_share); drop qfem= / alpha=")
+            self.granularity = "static"  # the cheapest rung
         if self.alpha is not None and self.qfem == "auto":
             self.qfem = "alpha"
+        if self.qfem_order not in QFEM_ORDERS:
+            raise ValueError(f"GlufxConfig.qfem_order={self.qfem_order!r}; choose one of {QFEM_ORDERS}")
+        if self.qfem_order == "sensitivity" and self.qfem != "auto":
+            raise ValueError(f"GlufxConfig(qfem_order='sensitivity') orders QFeM's auto search; qfem={self.qfem!r} "
+                             "has none: use qfem='auto'")
         for name in ("num_samples", "seq_len", "batch_size", "max_search_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GlufxConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -91,6 +117,8 @@ class GlufxConfig:
 
     def recipe(self, causal_lm: bool = True) -> Recipe:
         """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
+        if self.target is not None:
+            return self._target_recipe(causal_lm)
         stages = [Observe(), Transform(self.resolved("transform"), alpha=self.smooth_alpha, granularity=self.granularity,
                                        rotation_block=self.rotation_block if self.rotation != "off" else 0)]
         if self.resolved("qfep") != "off" and (causal_lm or self.qfep != "auto"):
@@ -101,7 +129,18 @@ class GlufxConfig:
         stages += [DecideScales(self.scales),
                    DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
                               tolerance=self.tolerance, max_search_steps=self.max_search_steps,
-                              min_score=self.min_score)]
+                              min_score=self.min_score, order=self.qfem_order)]
+        return Recipe(stages)
+
+    def _target_recipe(self, causal_lm: bool) -> Recipe:
+        # smoothing and scales are searched for the static rung, the sensitive one (the rotated
+        # per-token rung measured nearly lossless with or without smoothing)
+        stages = [Observe(), Transform(self.resolved("transform"), alpha=self.smooth_alpha, granularity="static")]
+        if self.resolved("qfep") != "off" and (causal_lm or self.qfep != "auto"):
+            stages.append(DecideQFeP(self.resolved("qfep")))
+        stages += [DecideGranularity("static"), DecideScales(self.scales),
+                   DecideTarget(budget=self.target, metric=self.target_metric, max_fp_param_share=self.max_fp_param_share,
+                                min_score=self.min_score, rotation=self.rotation, max_block=self.rotation_block)]
         return Recipe(stages)
 
     def resolved(self, option: str) -> str:

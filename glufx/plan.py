@@ -79,7 +79,9 @@ class Plan:
         for f, m in d["modules"].items():
             if self.modules[f].kept_by_qfem:
                 gran = m["decisions"]["qfem"].get("granularity") or self.config.get("granularity", "per_sequence")
-                m.update(action="int8", granularity=gran, reason="W8A8 (QFeM off)")
+                q = m["decisions"]["qfem"]
+                m.update(action="int8", granularity=gran, reason="W8A8 (QFeM off)", rotation=q.get("rotation"),
+                         x_scale=q.get("x_scale", m["x_scale"]))
                 m["decisions"]["qfem"] = {**m["decisions"]["qfem"], "kept_fp": False, "ablated": True}
         d["search"] = {"mode": "off"}
         return Plan.from_dict(d, tensors=self.tensors)

@@ -33,6 +33,8 @@ TRANSFORMS = ("identity", "smooth_up_down", "smooth")
 QFEP_METHODS = ("paper", "prefixquant")
 SCALE_METHODS = ("absmax", "clip_search")
 QFEM_MODES = ("auto", "alpha", "budget", "off")
+TARGET_METRICS = ("ppl", "kl")
+QFEM_ORDERS = ("score", "sensitivity")
 ROTATIONS = ("hadamard", "off")
 
 
@@ -475,7 +477,8 @@ class DecideScales(Stage):
 class DecideQFeM(Stage):
     """Which linears keep FP activations (docs/method.md §3): `auto` walks score-sorted sibling groups
     measuring held-out KL to the FP model, `alpha` keeps score > alpha, `budget` the top scores up to
-    `max_fp_param_share`, `off` none."""
+    `max_fp_param_share`, `off` none. `order="sensitivity"` (auto only) walks the groups instead by the
+    measured held-out gain of keeping each alone in FP, per parameter (one evaluation per group)."""
 
     mode: str = "auto"
     alpha: Optional[float] = None
@@ -483,6 +486,7 @@ class DecideQFeM(Stage):
     tolerance: float = 0.10
     max_search_steps: int = 12
     min_score: float = 2.0
+    order: str = "score"  # auto: walk groups by spike score (the paper's signal) or by measured sensitivity
     version: int = STAGE_VERSION
     name: ClassVar[str] = "qfem"
 
@@ -497,11 +501,49 @@ class DecideQFeM(Stage):
             raise ValueError(f"DecideQFeM.tolerance must lie in [0, 1), got {self.tolerance}")
         if self.max_search_steps < 1:
             raise ValueError("DecideQFeM.max_search_steps must be >= 1")
+        self._choose("order", QFEM_ORDERS)
+        if self.order == "sensitivity" and self.mode != "auto":
+            raise ValueError(f"DecideQFeM(order='sensitivity') orders the auto search; mode={self.mode!r} has none")
 
     def run(self, ctx: Context) -> dict:
         from .decide.qfem import decide_qfem
 
         return decide_qfem(ctx, self)
+
+
+@dataclass
+class DecideTarget(Stage):
+    """A granularity plan to a quality budget (glufx/decide/target.py, docs/method.md §10): each sibling
+    group takes the cheapest of static -> per-token (rotated, `rotation`) -> floating point that keeps
+    the held-out `metric` within `budget`: "ppl", the relative perplexity increase (0.01 = +1 %), or
+    "kl", the KL per token to the floating-point model. Needs static scales for every target
+    (DecideGranularity("static") and DecideScales() before it); decides rotations and QFeM's FP rung
+    itself, so it replaces Rotate and DecideQFeM in a recipe."""
+
+    budget: float = 0.01
+    metric: str = "ppl"
+    max_fp_param_share: float = 0.10
+    min_score: float = 2.0
+    rotation: str = "hadamard"
+    max_block: int = 128
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "target"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._choose("metric", TARGET_METRICS)
+        self._choose("rotation", ROTATIONS)
+        if not (isinstance(self.budget, (int, float)) and self.budget > 0 and self.budget == self.budget):
+            raise ValueError(f"DecideTarget.budget must be a positive number (0.01 = +1 % perplexity), got {self.budget!r}")
+        if not 0.0 <= self.max_fp_param_share <= 1.0:
+            raise ValueError(f"DecideTarget.max_fp_param_share must lie in [0, 1], got {self.max_fp_param_share}")
+        if self.max_block < 2 or self.max_block & (self.max_block - 1):
+            raise ValueError(f"DecideTarget.max_block must be a power of two >= 2, got {self.max_block}")
+
+    def run(self, ctx: Context) -> dict:
+        from .decide.target import decide_target
+
+        return decide_target(ctx, self)
 
 
 @dataclass
@@ -519,7 +561,15 @@ class Recipe:
         if dup:
             raise ValueError(f"glufx: a recipe holds each decision stage once; repeated: {dup}")
         order = [s.name for s in self.stages]
-        for needs, first in (("qfem", "granularity"), ("scales", "granularity"), ("rotation", "granularity")):
+        if "target" in order:
+            clash = [n for n in ("qfem", "rotation") if n in order]
+            if clash:
+                raise ValueError(f"glufx: DecideTarget chooses rotations and the FP rung itself; drop {clash} from "
+                                 f"the recipe (stages: {order})")
+            if "scales" not in order or order.index("scales") > order.index("target"):
+                raise ValueError("glufx: DecideTarget needs DecideScales before it (a static scale for every candidate)")
+        for needs, first in (("qfem", "granularity"), ("scales", "granularity"), ("rotation", "granularity"),
+                             ("target", "granularity")):
             if needs in order and (first not in order or order.index(first) > order.index(needs)):
                 raise ValueError(f"glufx: the recipe's {needs} stage needs a {first} stage before it "
                                  f"(stages: {order})")

@@ -179,14 +179,13 @@ SEARCH_CLIPS = (1.0, 0.8, 0.6, 0.45, 0.3)
 def _quant_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
     """Fake-quantized activations x [T, K] as glufx's ops would quantize them (static: the best of a
     coarse clip grid, as DecideScales' search refines later)."""
-    def fq(v, scale):
-        return torch.clamp(torch.round(v / scale), -127, 127) * scale
+    from .ops.reference import QMAX, fake_quantize
 
     if granularity == "per_token":
-        return [fq(x, (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12))]
+        return [fake_quantize(x, (x.abs().amax(dim=1, keepdim=True) / QMAX).clamp_min(1e-12))]
     amax = float(x.abs().max()) or 1.0
     clips = SEARCH_CLIPS if granularity == "static" else (1.0,)
-    return [fq(x, c * amax / 127) for c in clips]
+    return [fake_quantize(x, c * amax / QMAX) for c in clips]
 
 
 def seam_error(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], granularity: str,
@@ -200,8 +199,7 @@ def seam_error(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], gran
     xs, ws = (x, w) if s is None else (x / s, w * s)
     if rot_block:
         xs, ws = R.hadamard(xs, rot_block), R.hadamard(ws, rot_block)
-    wq, wsc = R.quantize_weight(ws)
-    wd = wq.float() * wsc[:, None]
+    wd = R.dequantized_weight(ws)
     denom = float(ref.square().sum()) or 1.0
     return min(float((xq @ wd.T - ref).square().sum()) / denom for xq in _quant_rows(xs, granularity))
 

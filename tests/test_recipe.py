@@ -41,7 +41,9 @@ def test_default_recipe_records_structured_decisions(calib_ids):
     assert all(m.rotation["signs"] in plan.tensors for m in rotated)
     kept = [m for m in plan.modules.values() if m.kept_by_qfem]
     assert kept and all(m.action == "fp" and m.decisions["qfem"]["step"] >= 1 for m in kept)
+    assert all(m.rotation is None and m.x_scale is None for m in kept)  # an FP module rotates nothing
     naive = plan.without_qfem()  # reads the QFeM decision, not the reason text
+    assert all(naive.modules[m.fqn].rotation == m.decisions["qfem"]["rotation"] is not None for m in kept)
     assert all(naive.modules[m.fqn].action == "int8" and naive.modules[m.fqn].granularity == "per_sequence"
                for m in kept)
     int8 = [m for m in plan.modules.values() if m.action == "int8"]

@@ -65,6 +65,55 @@ class HeldoutMetric:
         return total / max(len(self.reference), 1)
 
 
+class _CaptureHead(nn.Module):
+    """Stands in for the output head: records its input (the final hidden states) and returns one
+    logit per position, so a measurement skips the vocabulary-sized GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: Optional[torch.Tensor] = None
+
+    def forward(self, h):
+        self.seen = h.detach()
+        return h[..., :1]
+
+
+class HiddenStateError:
+    """Relative squared error of the final hidden states (the head's input) against the FP model's on
+    held-out sequences, padding excluded: a cheap proxy for the held-out KL (no head GEMM, which on a
+    262k-vocabulary model costs more than the decoder), for ranking many candidate plans."""
+
+    def __init__(self, runner: nn.Module, model: nn.Module, head_fqn: str, batches: list[Batch]):
+        # runner: what is called (the model, or a PrefixedLM around it); model: where the head lives
+        self.runner, self.model, self.head_fqn, self.batches = runner, model, head_fqn, batches
+        self.head = model.get_submodule(head_fqn)
+        self.capture = _CaptureHead()
+        self.reference = [self._hidden(b) for b in batches]
+
+    @torch.no_grad()
+    def _hidden(self, b: Batch) -> torch.Tensor:
+        self.model.set_submodule(self.head_fqn, self.capture)
+        try:
+            self.runner(*b.args, **b.kwargs)
+        finally:
+            self.model.set_submodule(self.head_fqn, self.head)
+        h = self.capture.seen.float()  # h: [B, T, D]
+        return h[b.mask.bool()] if b.mask is not None and b.mask.shape == h.shape[:2] else h.reshape(-1, h.shape[-1])
+
+    def __call__(self) -> float:
+        err = sum(float((self._hidden(b) - r).square().sum()) for b, r in zip(self.batches, self.reference))
+        return err / max(sum(float(r.square().sum()) for r in self.reference), 1e-30)
+
+
+def proxy_metric(ctx, batches):
+    """HiddenStateError for a causal LM with a matched head, else the full HeldoutMetric."""
+    heads = [f for f, p in ctx.match.projections.items() if p.role == "head"]
+    runner = ctx.runner or ctx.model
+    if is_causal_lm(ctx.model) and len(heads) == 1:
+        return HiddenStateError(runner, ctx.model, heads[0], batches)
+    return HeldoutMetric(runner, batches)
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -109,7 +158,7 @@ def decide_qfem(ctx, cfg) -> dict:
     """The QFeM stage: marks the chosen sibling groups "fp" in ctx.plan with the measurement behind it."""
     scores = ctx.stats.scores()
     ranked, candidates = candidate_groups(ctx, cfg)
-    search: dict = {"mode": cfg.mode, "candidates": candidates}
+    search: dict = {"mode": cfg.mode, "order": cfg.order, "candidates": candidates}
     if cfg.mode == "off":
         excluded: list[list[str]] = []
     elif cfg.mode == "alpha":
@@ -125,8 +174,9 @@ def decide_qfem(ctx, cfg) -> dict:
         kept = f in step
         mp.decisions["qfem"] = {"kept_fp": kept, "score": scores.get(f, 0.0), "mode": cfg.mode,
                                 "step": step.get(f), "granularity": mp.decisions.get("granularity", {}).get("granularity")}
-        if kept:
-            mp.action, mp.granularity = "fp", None
+        if kept:  # what it would have run with stays in the decision (Plan.without_qfem restores it)
+            mp.decisions["qfem"].update(rotation=mp.rotation, x_scale=mp.x_scale)
+            mp.action, mp.granularity, mp.rotation, mp.x_scale = "fp", None, None, None
             mp.reason = f"QFeM: score {scores.get(f, 0.0):.1f} ({cfg.mode}, step {step[f]})"
     ctx.plan.search = search
     return {"kept_fp": sorted(step), "mode": cfg.mode}
@@ -137,13 +187,23 @@ def _auto_search(ctx, candidates, cfg, search) -> list[list[str]]:
     if not heldout:
         raise ValueError("glufx: QFeM auto needs held-out calibration sequences (heldout_samples > 0 and at "
                          "least two calibration sequences); or use GlufxConfig(qfem='alpha', alpha=...)")
+    quant_targets = [f for f in ctx.targets() if ctx.plan.modules[f].action == "int8"]
+    if cfg.order == "sensitivity" and quant_targets:
+        rw = Lowering(ctx.model, ctx.plan, quant_targets)
+        try:
+            candidates = _by_sensitivity(ctx, cfg, rw, proxy_metric(ctx, heldout), quant_targets, search)
+            search["candidates"] = candidates
+        except BaseException:
+            rw.apply([])
+            raise
     steps = candidates[: cfg.max_search_steps]
     if not steps:
         search.update({"metrics": [], "chosen_steps": 0})
         return []
-    quant_targets = [f for f in ctx.targets() if ctx.plan.modules[f].action == "int8"]
+    if cfg.order != "sensitivity":
+        rw = Lowering(ctx.model, ctx.plan, quant_targets)
+    rw.apply([])
     metric = HeldoutMetric(ctx.runner or ctx.model, heldout)  # FP reference first: the model is unquantized
-    rw = Lowering(ctx.model, ctx.plan, quant_targets)
     metrics = []
     try:
         for k in tqdm(range(len(steps) + 1), desc="glufx QFeM search", disable=not ctx.progress):
@@ -158,3 +218,31 @@ def _auto_search(ctx, candidates, cfg, search) -> list[list[str]]:
     search.update({"metric": "kl" if metric.lm else "relative_mse", "metrics": metrics,
                    "chosen_steps": k_star, "tolerance": cfg.tolerance})
     return steps[:k_star]
+
+
+def _by_sensitivity(ctx, cfg, rw, metric, quant_targets, search) -> list[list[str]]:
+    """Sibling groups ordered by the held-out gain of keeping each one alone in FP (everything else
+    quantized; measured as HiddenStateError, the final hidden states' error), per parameter, best first; only groups whose gain is positive, within
+    max_fp_param_share. Measures what the spike score predicts: on models whose damage comes from
+    channel outliers more than from token spikes the two orders differ."""
+    match = ctx.match
+    decoder_params = sum(match.projections[f].n_params for f in ctx.targets() if match.projections[f].role != "head")
+    groups: dict[int, list[str]] = {}
+    for f in quant_targets:
+        groups.setdefault(match.projections[f].group, []).append(f)
+    rw.apply(quant_targets)
+    base = metric()
+    gain = {}
+    for g, fs in tqdm(groups.items(), desc="glufx QFeM sensitivity", unit="group", disable=not ctx.progress):
+        rw.apply([f for f in quant_targets if f not in fs])
+        gain[g] = base - metric()
+    params = {g: sum(match.projections[f].n_params for f in fs) for g, fs in groups.items()}
+    ordered, share = [], 0.0
+    for g in sorted(groups, key=lambda g: -gain[g] / params[g]):
+        share += params[g] / max(decoder_params, 1)
+        if gain[g] <= 0 or share > cfg.max_fp_param_share + 1e-12:
+            break
+        ordered.append(groups[g])
+    search.update({"order": "sensitivity", "sensitivity_metric": type(metric).__name__, "all_int8_proxy": base,
+                   "gain": {groups[g][0]: gain[g] for g in groups}})
+    return ordered

@@ -55,10 +55,6 @@ def sample_inputs(ctx, fqns: list[str], max_tokens: int, seed: int = 0) -> dict[
     return {f: torch.cat(v)[:max_tokens] for f, v in rows.items()}
 
 
-def _fake_quantize(x: torch.Tensor, s: float) -> torch.Tensor:
-    return torch.clamp(torch.round(x / s), -R.QMAX, R.QMAX) * s
-
-
 @torch.no_grad()
 def clip_search(ctx, grid: tuple = CLIP_GRID, max_tokens: int = 1024) -> dict[str, dict]:
     """fqn -> {"clip": c, "x_scale": s, "error": {c: relative output error}} for every static INT8 target."""
@@ -76,11 +72,10 @@ def clip_search(ctx, grid: tuple = CLIP_GRID, max_tokens: int = 1024) -> dict[st
         x = samples[fs[0]]  # x: [T, K], the group's shared input
         absmax = max(by_fqn[f].absmax for f in fs)
         weights = torch.cat([ctx.model.get_submodule(f).weight.detach().float() for f in fs])  # [sum N, K]
-        w_q, w_s = R.quantize_weight(weights)
-        w_deq = w_q.float() * w_s[:, None]
+        w_deq = R.dequantized_weight(weights)
         ref = x @ weights.T
         denom = float(ref.square().sum()) or 1.0
-        errors = {c: float((_fake_quantize(x, c * absmax / R.QMAX) @ w_deq.T - ref).square().sum()) / denom
+        errors = {c: float((R.fake_quantize(x, c * absmax / R.QMAX) @ w_deq.T - ref).square().sum()) / denom
                   for c in grid}
         best = min(errors, key=errors.get)
         for f in fs:

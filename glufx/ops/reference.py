@@ -31,6 +31,18 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize(w, s[:, None]), s
 
 
+def fake_quantize(x: torch.Tensor, scale) -> torch.Tensor:
+    """x rounded onto the INT8 grid of `scale` (a number, or a tensor broadcasting against x) and
+    back: what the ops compute before the integer GEMM, in float (calibration searches use it)."""
+    return torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+
+
+def dequantized_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] as glufx's per-channel INT8 weight represents it, in float32."""
+    w_q, w_s = quantize_weight(w)
+    return w_q.float() * w_s[:, None]
+
+
 def row_scales(x2d: torch.Tensor, rows_per_sequence: int, granularity: int,
                x_scale: Optional[torch.Tensor]) -> torch.Tensor:
     # x2d: [M, K] float32 -> scales [M]
