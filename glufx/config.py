@@ -119,8 +119,11 @@ class GlufxConfig:
         """The default recipe for these options: observe, transform, QFeP, granularity, scales, QFeM."""
         if self.target is not None:
             return self._target_recipe(causal_lm)
+        # the strength search models the quantizer the modules will have: rotated only where Rotate rotates
+        # (dynamic scales; static inputs are never rotated)
+        rotated = self.rotation != "off" and self.granularity != "static"
         stages = [Observe(), Transform(self.resolved("transform"), alpha=self.smooth_alpha, granularity=self.granularity,
-                                       rotation_block=self.rotation_block if self.rotation != "off" else 0)]
+                                       rotation_block=self.rotation_block if rotated else 0)]
         if self.resolved("qfep") != "off" and (causal_lm or self.qfep != "auto"):
             stages.append(DecideQFeP(self.resolved("qfep")))
         stages += [DecideGranularity(self.granularity)]

@@ -78,11 +78,26 @@ class NormSeam:
 
 
 @dataclass
+class ValueSeam:
+    """A linear `producer` whose output reaches the linear `consumer` only by moving values around
+    (views, transposes, head expansion for grouped-query attention) and as the *value* of an attention
+    (which mixes tokens, never channels): consumer input column j reads producer output channel
+    `channel_map[j]` (several columns per channel under GQA). Dividing the producer's output channel c
+    by s_c and multiplying every consumer column that reads c by s_c leaves the function unchanged.
+    Found for v -> o by following the graph, whatever the modules are called."""
+
+    producer: str
+    consumer: str
+    channel_map: list[int]
+
+
+@dataclass
 class MatchResult:
     projections: dict[str, Projection] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     glu_blocks: list[GLUBlock] = field(default_factory=list)
     norm_seams: list[NormSeam] = field(default_factory=list)
+    value_seams: list[ValueSeam] = field(default_factory=list)
 
     @property
     def moe_blocks(self) -> list[GLUBlock]:
@@ -100,6 +115,7 @@ class MatchResult:
             "linears": len(self.linears),
             "groups": len(self.groups),
             "norm_seams": len(self.norm_seams),
+            "value_seams": len(self.value_seams),
         }
 
 
@@ -308,7 +324,93 @@ def match_graph(graph: fx.Graph, param_names: Optional[dict[str, str]] = None, s
             if seam is not None:
                 seam.group = gid
                 result.norm_seams.append(seam)
+    for name, (p, node) in projs.items():
+        if p.kind == "linear" and projs[name][1] is node:
+            vs = _value_seam(node, p, projs)
+            if vs is not None:
+                result.value_seams.append(vs)
     return result
+
+
+# Ops that only move values (ATen, as torch.export writes them): a channel goes where they put it.
+MOVE_TARGETS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, aten.flatten.using_ints,
+    aten.unflatten.int, aten.t.default,
+} | PASSTHROUGH_TARGETS
+ATTENTION_TARGETS = {aten.scaled_dot_product_attention.default}
+MATMUL_TARGETS = {aten.matmul.default}
+
+
+def _concrete(a):
+    """An op argument with every symbolic size (batch, sequence) set to 1."""
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val")
+        if isinstance(v, torch.SymInt) or isinstance(v, int):
+            return 1
+        raise _NotASeam
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(x) for x in a)
+    return a
+
+
+class _NotASeam(Exception):
+    pass
+
+
+def _value_seam(node: fx.Node, producer: Projection, projs: dict) -> Optional[ValueSeam]:
+    """Follow `node`'s output with one token of one sequence, carrying each channel's index as its
+    value through the ops between it and the next linear: only value moves and an attention's value
+    input are allowed (with one token, attention returns its value: the weights are 1), each step has a
+    single user. The consumer's input then reads, column by column, which producer channel it is."""
+    val = _val(node)
+    if val is None or val.dim() < 2 or not all(isinstance(d, torch.SymInt) or d == 1 for d in val.shape[:-1]):
+        return None  # not a [batch, sequence, channels] value with free batch and sequence sizes
+    label = torch.arange(producer.out_features, dtype=torch.float64).reshape([1] * (val.dim() - 1) + [-1])
+    cur, moved = node, False
+    try:
+        for _ in range(64):
+            users = [u for u in cur.users if not (u.op == "call_function" and str(u.target).startswith("aten._assert"))]
+            if len(users) != 1 or users[0].op != "call_function":
+                return None
+            u = users[0]
+            if u.name in projs:
+                consumer = projs[u.name][0]
+                if u.args[0] is not cur or consumer.kind != "linear" or not moved or consumer.fqn == producer.fqn:
+                    return None
+                cmap = label.reshape(-1)
+                if cmap.numel() != consumer.in_features:
+                    return None
+                return ValueSeam(producer=producer.fqn, consumer=consumer.fqn, channel_map=[int(c) for c in cmap])
+            if u.target in ATTENTION_TARGETS:
+                if len(u.args) < 3 or u.args[2] is not cur or cur in u.args[:2] or cur in u.kwargs.values():
+                    return None
+                q_heads, v_heads = _val(u.args[0]).shape[-3], label.shape[-3]
+                if q_heads != v_heads:
+                    if not u.kwargs.get("enable_gqa") or q_heads % v_heads:
+                        return None
+                    label = label.repeat_interleave(q_heads // v_heads, dim=-3)
+                moved = True
+            elif u.target in MATMUL_TARGETS:  # eager attention: probabilities @ value
+                if len(u.args) != 2 or u.args[1] is not cur or u.args[0] is cur:
+                    return None
+                if _val(u.args[0]).shape[-3] != label.shape[-3]:
+                    return None
+                moved = True
+            elif u.target in MOVE_TARGETS:
+                if any(isinstance(a, fx.Node) and a is not cur and _val(a) is not None for a in u.args):
+                    return None
+                args = [label if a is cur else _concrete(a) for a in u.args]
+                kwargs = {k: _concrete(a) for k, a in u.kwargs.items() if k not in ("dtype", "device", "layout")}
+                label = u.target(*args, **kwargs)
+                if label.dtype != torch.float64:
+                    return None
+            else:
+                return None
+            cur = u
+    except (_NotASeam, RuntimeError, TypeError, IndexError):
+        return None
+    return None
 
 
 LAYER_NORM_TARGETS = {aten.layer_norm.default, F.layer_norm, torch.layer_norm}

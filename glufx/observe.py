@@ -45,6 +45,10 @@ class InputStats:
     seq_top: list[list[tuple[float, int, int]]] = field(default_factory=list)  # per sequence: (a, position, token id)
     seq_outliers: list[list[tuple[int, int]]] = field(default_factory=list)  # per sequence: (position, token id)
     n_tokens: int = 0
+    # the first calibration sequence's token-wise absmax a[t] and token ids, position by position: what a
+    # report plots to show where the spikes sit (the paper's figure), without recalibrating
+    trace: list[float] = field(default_factory=list)
+    trace_tokens: list[int] = field(default_factory=list)
 
     @property
     def ratios(self) -> list[float]:
@@ -124,6 +128,9 @@ class Observer:
             st.n_tokens += int(t_valid.numel())
             positions = mask[b].nonzero().squeeze(1)
             token = (lambda pos: int(ids[b, pos])) if ids is not None else (lambda pos: -1)
+            if self.seq_offset + b == 0 and not st.trace:
+                st.trace = t_valid.tolist()
+                st.trace_tokens = ids[b][mask[b]].tolist() if ids is not None else []
             vals, idx = t_valid.topk(min(TOP_K, t_valid.numel()))
             seq_top = []
             for v, i in zip(vals.tolist(), idx.tolist()):

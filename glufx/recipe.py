@@ -161,7 +161,7 @@ class Transform(Stage):
     """An FP-equivalent edit of the model (glufx/transforms.py). `identity` changes nothing;
     `smooth_up_down` moves down_proj's input channel outliers into up_proj's weight at every GLU
     seam the matcher proved (SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha), one alpha);
-    `smooth` scales every proven seam (norm -> its sibling linears, up -> down) with the strength
+    `smooth` scales every proven seam (norm -> its sibling linears, up -> down, v -> o) with the strength
     whose quantized output error is lowest on sampled calibration inputs (quantized as `granularity`
     and, with `rotation_block`, rotated, as the modules will be), or not at all where none helps, and
     refuses a seam that moves the FP model's outputs by more than `tolerance` (relative)."""
@@ -170,6 +170,7 @@ class Transform(Stage):
     alpha: float = 0.5
     granularity: str = "per_token"
     rotation_block: int = 0
+    rotate_values: bool = True  # with rotation_block: rotate v -> o seams offline instead of o's input online
     max_tokens: int = 512
     tolerance: float = 1e-5
     version: int = STAGE_VERSION
@@ -228,45 +229,55 @@ class Transform(Stage):
         seams, skipped = [], {}
         for ns in ctx.match.norm_seams:
             if all(f in targets for f in ns.consumers):
-                seams.append(("scale_norm", ns.weight, ns.consumers, ns))
+                seams.append(("scale_norm", ns.weight, ns.consumers, ns, None))
         for up, down, why in T.up_down_seams(ctx.plan.glu_blocks, ctx.model):
             if why is None and down in targets:
-                seams.append(("scale_up_down", up, [down], None))
+                seams.append(("scale_up_down", up, [down], None, None))
             elif why is not None:
                 skipped[down] = why
+        for vs in ctx.match.value_seams:
+            if vs.consumer in targets:
+                seams.append(("scale_v_o", vs.producer, [vs.consumer], None, torch.tensor(vs.channel_map)))
         if not seams:
             return {"applied": 0, "skipped": skipped}
-        samples = sample_inputs(ctx, [c[0] for _, _, c, _ in seams], self.max_tokens)
+        samples = sample_inputs(ctx, [c[0] for _, _, c, _, _ in seams], self.max_tokens)
         probe = _probe_inputs(ctx)
         reference = _probe_outputs(ctx, probe)
-        applied, worst = 0, 0.0
-        for kind, producer, consumers, ns in seams:
+        applied, worst, by_kind = 0, 0.0, {}
+        for kind, producer, consumers, ns, cmap in seams:
             x = samples[consumers[0]]  # x: [T, K], what the consumers read today
             w = torch.cat([ctx.model.get_submodule(f).weight.detach().float() for f in consumers])
             block = hadamard_block(x.shape[1], self.rotation_block) if self.rotation_block else 0
-            alpha, s, errors = T.search_scales(x, w, self.granularity, block)
+            alpha, s, errors = T.search_scales(x, w, self.granularity, block, channel_map=cmap)
             if alpha is None:
                 skipped[consumers[0]] = "no strength lowers the quantized output error"
                 continue
             touched = [producer, *consumers] + ([ns.bias] if ns is not None and ns.bias else [])
             weight_of = (lambda f: T.weight_of(ctx.model, f))
-            saved = {f: weight_of(f).detach().clone() for f in touched}
+            # a linear producer's bias is divided too: a refused seam restores it with the weights
+            biases = [ctx.model.get_submodule(producer).bias] if kind != "scale_norm" else []
+            saved = [(t, t.detach().clone()) for t in [weight_of(f) for f in touched] + biases if t is not None]
             before = T.fingerprint(*(weight_of(f) for f in (producer, *consumers)))
             for f in touched:  # the user's weights come back after calibration
                 ctx.backup.save(f.rpartition(".")[0] if kind == "scale_norm" and f not in consumers else f)
             if kind == "scale_norm":
                 T.scale_norm(ctx.model, producer, ns.bias, ns.scale, ns.offset, consumers, s)
+            elif kind == "scale_v_o":
+                T.scale_v_o(ctx.model.get_submodule(producer), ctx.model.get_submodule(consumers[0]), s, cmap)
             else:
                 T.scale_up_down(ctx.model.get_submodule(producer), ctx.model.get_submodule(consumers[0]), s)
             moved = _relative_change(reference, _probe_outputs(ctx, probe))
             if not moved <= self.tolerance:
                 with torch.no_grad():
-                    for f, v in saved.items():
-                        weight_of(f).copy_(v)
+                    for t, v in saved:
+                        t.copy_(v)
                 skipped[consumers[0]] = f"changed the FP model's outputs by {moved:.2e} (relative): refused"
                 continue
             worst = max(worst, moved)
             extra = {"norm_scale": ns.scale, "norm_offset": ns.offset, "bias": ns.bias} if ns is not None else {}
+            if cmap is not None:
+                extra["channel_map"] = f"transform.{len(ctx.plan.transforms)}.channel_map"
+                ctx.plan.tensors[extra["channel_map"]] = cmap.clone()
             entry = T.record(ctx.plan, kind, producer, consumers, s, before,
                              T.fingerprint(*(weight_of(f) for f in (producer, *consumers))), alpha=alpha,
                              errors={str(k): v for k, v in errors.items()}, fp_change=moved, **extra)
@@ -275,9 +286,53 @@ class Transform(Stage):
                                                                "index": len(ctx.plan.transforms) - 1,
                                                                "error": errors[alpha], "error_before": errors["none"]}
             applied += 1
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        if self.rotation_block and self.rotate_values:
+            for vs in ctx.match.value_seams:
+                if vs.consumer in targets:
+                    moved = self._rotate_value_seam(ctx, vs, reference, probe, skipped)
+                    if moved is not None:
+                        applied, worst = applied + 1, max(worst, moved)
+                        by_kind["rotate_v_o"] = by_kind.get("rotate_v_o", 0) + 1
         if applied:
             ctx.stale = True
-        return {"applied": applied, "seams": len(seams), "skipped": skipped, "max_fp_change": worst}
+        return {"applied": applied, "seams": len(seams), "by_kind": by_kind, "skipped": skipped, "max_fp_change": worst}
+
+    def _rotate_value_seam(self, ctx: Context, vs, reference, probe, skipped: dict) -> Optional[float]:
+        """v -> o rotated offline (transforms.rotate_v_o) where the channel map allows a block Hadamard; o's
+        input then needs no online rotation (Rotate skips it). Refused like a scaling if the FP model moves."""
+        import torch
+
+        from . import transforms as T
+        from .rotate import random_signs
+
+        cmap = torch.tensor(vs.channel_map)
+        producer, consumer = ctx.model.get_submodule(vs.producer), ctx.model.get_submodule(vs.consumer)
+        block = T.value_rotation_block(cmap, producer.out_features, self.rotation_block)
+        if not block:
+            skipped[vs.consumer] = "the value seam's channel map has no aligned power-of-two blocks: rotated online"
+            return None
+        signs = random_signs(producer.out_features, seed=len(ctx.plan.transforms))
+        tensors = [t for t in (producer.weight, producer.bias, consumer.weight) if t is not None]
+        saved = [(t, t.detach().clone()) for t in tensors]
+        before = T.fingerprint(producer.weight, consumer.weight)
+        ctx.backup.save(vs.producer)
+        ctx.backup.save(vs.consumer)
+        T.rotate_v_o(producer, consumer, block, signs, cmap)
+        moved = _relative_change(reference, _probe_outputs(ctx, probe))
+        if not moved <= self.tolerance:
+            with torch.no_grad():
+                for t, v in saved:
+                    t.copy_(v)
+            skipped[vs.consumer] = f"offline rotation changed the FP model's outputs by {moved:.2e}: refused"
+            return None
+        key = f"transform.{len(ctx.plan.transforms)}.channel_map"
+        ctx.plan.tensors[key] = cmap
+        T.record(ctx.plan, "rotate_v_o", vs.producer, [vs.consumer], signs, before,
+                 T.fingerprint(producer.weight, consumer.weight), block=block, channel_map=key, fp_change=moved)
+        ctx.plan.modules[vs.consumer].decisions["offline_rotation"] = {"block": block, "producer": vs.producer,
+                                                                       "index": len(ctx.plan.transforms) - 1}
+        return moved
 
 
 def _probe_inputs(ctx: Context):
@@ -415,6 +470,7 @@ class Rotate(Stage):
                 continue
             block = hadamard_block(mp.in_features, self.max_block)
             why = ("static activation scale" if mp.granularity == "static" else
+                   "input rotated offline across its value seam (v -> o)" if "offline_rotation" in mp.decisions else
                    f"{mp.in_features} input features have no power-of-two block" if not block else None)
             if why is not None:
                 skipped[f] = why

@@ -56,7 +56,8 @@ class Statistics:
             rows.append({"fqns": st.fqns, "in_features": st.in_features, "seq_max": st.seq_max,
                          "seq_median": st.seq_median, "absmax": st.absmax, "n_tokens": st.n_tokens,
                          "top": [list(t) for t in st.top], "seq_top": [[list(t) for t in s] for s in st.seq_top],
-                         "seq_outliers": [[list(t) for t in s] for s in st.seq_outliers], "score": st.score})
+                         "seq_outliers": [[list(t) for t in s] for s in st.seq_outliers], "score": st.score,
+                         "trace": st.trace, "trace_tokens": st.trace_tokens})
             if st.channel_absmax is not None:
                 tensors[f"channel_absmax.{i}"] = st.channel_absmax.float().contiguous()
         (directory / JSON_FILE).write_text(json.dumps({"version": STATS_VERSION, "meta": self.meta, "inputs": rows}))
@@ -82,7 +83,8 @@ class Statistics:
                 fqns=r["fqns"], in_features=r["in_features"], seq_max=r["seq_max"], seq_median=r["seq_median"],
                 absmax=r["absmax"], channel_absmax=tensors.get(f"channel_absmax.{i}"),
                 top=[tuple(t) for t in r["top"]], seq_top=[[tuple(t) for t in s] for s in r["seq_top"]],
-                seq_outliers=[[tuple(t) for t in s] for s in r["seq_outliers"]], n_tokens=r["n_tokens"]))
+                seq_outliers=[[tuple(t) for t in s] for s in r["seq_outliers"]], n_tokens=r["n_tokens"],
+                trace=r.get("trace", []), trace_tokens=r.get("trace_tokens", [])))
         return cls(inputs, d.get("meta", {}))
 
 

@@ -12,6 +12,10 @@ Seams, both read off the matched graph, never from module names:
 channel by channel, so dividing up's output row j (and bias) by s_j and multiplying down's input
 column j by s_j is exact. The gate cannot carry it (the activation is not homogeneous). The seam is
 read off the matched graph (a GLUBlock with its own up projection), never from module names.
+* v -> o across attention (match.ValueSeam): attention mixes tokens, never channels, so v's output
+channel c / s_c and every o input column reading c (one per query head sharing c's key-value head
+under GQA: `channel_map`) * s_c is exact. The same seam carries a rotation offline (`rotate_v_o`): v's
+outputs rotated by a block Hadamard R, o's columns by R^T, so o's input arrives rotated with no op at run time.
 """
 from __future__ import annotations
 
@@ -66,6 +70,50 @@ def scale_norm(model: nn.Module, weight: str, bias: Optional[str], a: float, c: 
     for f in consumers:
         lin = model.get_submodule(f)
         lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+@torch.no_grad()
+def scale_v_o(producer: nn.Linear, consumer: nn.Linear, s: torch.Tensor, channel_map: torch.Tensor) -> None:
+    """producer's output channel c / s_c, consumer's input column j * s[channel_map[j]]."""
+    producer.weight.div_(s.to(producer.weight.dtype)[:, None])
+    if producer.bias is not None:
+        producer.bias.div_(s.to(producer.bias.dtype))
+    consumer.weight.mul_(s[channel_map.long()].to(consumer.weight.dtype)[None, :])
+
+
+def value_rotation_block(channel_map: torch.Tensor, n_channels: int, max_block: int) -> int:
+    """The largest power-of-two b <= max_block for which a block-Hadamard rotation of the producer's
+    channels is a block-Hadamard rotation of the consumer's columns too: every aligned run of b columns
+    reads an aligned run of b consecutive channels (one head's, or part of it). 0 when there is none."""
+    from .rotate import hadamard_block
+
+    cmap = channel_map.long()
+    j = torch.arange(cmap.numel())
+    b = min(hadamard_block(cmap.numel(), max_block), hadamard_block(n_channels, max_block))
+    while b > 1:
+        start = cmap[j - j % b]
+        if bool(((cmap == start + j % b) & (start % b == 0)).all()):
+            return b
+        b //= 2
+    return 0
+
+
+@torch.no_grad()
+def rotate_v_o(producer: nn.Linear, consumer: nn.Linear, block: int, signs: torch.Tensor,
+               channel_map: torch.Tensor) -> None:
+    """Offline rotation across a value seam: the producer's outputs by R = H_b D (its rows and bias), the
+    consumer's input columns by the same R, channel by channel through the map (W_o R^T): exact, and the
+    consumer's input arrives rotated, as the online rotation would make it, for free."""
+    from .rotate import fold
+
+    def rotate_rows(t: torch.Tensor) -> torch.Tensor:  # R t for t: [C, ...] over the producer's channels
+        flat = t.detach().float().reshape(t.shape[0], -1).t().contiguous()
+        return torch.ops.glufx.hadamard(flat, block, signs.float()).t().reshape(t.shape).to(t.dtype)
+
+    producer.weight.copy_(rotate_rows(producer.weight))
+    if producer.bias is not None:
+        producer.bias.copy_(rotate_rows(producer.bias))
+    consumer.weight.copy_(fold(consumer.weight, block, signs.float()[channel_map.long()]).to(consumer.weight.dtype))
 
 
 def weight_of(model: nn.Module, fqn: str) -> torch.Tensor:
@@ -123,6 +171,12 @@ def apply_transforms(model: nn.Module, plan: Plan) -> int:
         if entry["kind"] == "scale_up_down":
             scale_up_down(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
                           plan.tensors[entry["tensor"]])
+        elif entry["kind"] == "scale_v_o":
+            scale_v_o(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
+                      plan.tensors[entry["tensor"]], plan.tensors[entry["channel_map"]])
+        elif entry["kind"] == "rotate_v_o":
+            rotate_v_o(model.get_submodule(entry["producer"]), model.get_submodule(entry["consumers"][0]),
+                       entry["block"], plan.tensors[entry["tensor"]], plan.tensors[entry["channel_map"]])
         elif entry["kind"] == "scale_norm":
             scale_norm(model, entry["producer"], entry.get("bias"), entry["norm_scale"], entry["norm_offset"],
                        entry["consumers"], plan.tensors[entry["tensor"]])
@@ -205,16 +259,23 @@ def seam_error(x: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor], gran
 
 
 def search_scales(x: torch.Tensor, w: torch.Tensor, granularity: str, rot_block: int = 0,
-                  alphas: tuple = ALPHAS) -> tuple[Optional[float], Optional[torch.Tensor], dict]:
-    """(alpha, s, {alpha: error}) of the lowest output error; alpha None (no transform) when none helps."""
+                  alphas: tuple = ALPHAS, channel_map: Optional[torch.Tensor] = None
+                  ) -> tuple[Optional[float], Optional[torch.Tensor], dict]:
+    """(alpha, s, {alpha: error}) of the lowest output error; alpha None (no transform) when none helps.
+    With `channel_map` (a value seam: column j of x and w carries producer channel channel_map[j]), s
+    is one scale per producer channel, every column of a channel scaled alike."""
     x_absmax, w_absmax = x.abs().amax(dim=0), w.abs().amax(dim=0)
+    if channel_map is not None:
+        idx, n = channel_map.long(), int(channel_map.max()) + 1
+        x_absmax = torch.zeros(n).scatter_reduce(0, idx, x_absmax, "amax")
+        w_absmax = torch.zeros(n).scatter_reduce(0, idx, w_absmax, "amax")
     errors = {"none": seam_error(x, w, None, granularity, rot_block)}
     best, best_s = None, None
     for a in alphas:
         s = smooth_scales(x_absmax, w_absmax, a)
         s = s / s.log().mean().exp()  # geometric mean 1: the weights' and activations' ranges move, not their product
         s = s.clamp(*SCALE_CLAMP)
-        errors[a] = seam_error(x, w, s, granularity, rot_block)
+        errors[a] = seam_error(x, w, s if channel_map is None else s[idx], granularity, rot_block)
         if errors[a] < errors["none"] and (best is None or errors[a] < errors[best]):
             best, best_s = a, s
     return best, best_s, errors

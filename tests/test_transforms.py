@@ -40,6 +40,59 @@ def test_norm_seams_found_by_structure(family):
     assert len(seams) == (2 if family == "mixtral" else 4)
 
 
+def _value_seams(model):
+    ids = torch.randint(3, 96, (2, 9))
+    return match_graph(capture(model, ((), {"input_ids": ids})).module().graph).value_seams
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_seams_found_by_structure(family):
+    """v -> o across attention, GQA-aware: o's input column j reads v's channel of the key-value head its
+    query head shares (tiny models: 4 query heads, 2 key-value heads)."""
+    seams = _value_seams(tiny_model(family))
+    if family == "phi3":  # one fused qkv projection: v is a slice of it, not a linear of its own
+        assert seams == []
+        return
+    assert [(s.producer, s.consumer) for s in seams] == [
+        (f"model.layers.{i}.self_attn.v_proj", f"model.layers.{i}.self_attn.o_proj") for i in range(2)]
+    head_dim = 16
+    expected = [(j // head_dim // 2) * head_dim + j % head_dim for j in range(4 * head_dim)]
+    assert all(s.channel_map == expected for s in seams)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, between):
+        super().__init__()
+        self.v, self.o = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+        self.between = between
+
+    def forward(self, x):  # x: [B, T, 16], two heads of 8
+        b, t, _ = x.shape
+        v = self.v(x).view(b, t, 2, 8).transpose(1, 2)
+        q = x.view(b, t, 2, 8).transpose(1, 2)
+        if self.between == "value":
+            a = F.scaled_dot_product_attention(q, q, v, is_causal=True)
+        elif self.between == "query":  # v as the query: its channels are mixed into scores
+            a = F.scaled_dot_product_attention(v, q, q, is_causal=True)
+        elif self.between == "nonlinear":
+            a = F.scaled_dot_product_attention(q, q, F.gelu(v), is_causal=True)
+        else:  # v also reaches the output past o
+            a = F.scaled_dot_product_attention(q, q, v, is_causal=True) + v
+        return self.o(a.transpose(1, 2).reshape(b, t, 16)) + (0 if self.between != "residual" else v.sum())
+
+
+@pytest.mark.parametrize("between,proven", [("value", True), ("query", False), ("nonlinear", False),
+                                            ("residual", False)])
+def test_value_seam_only_where_attention_moves_values(between, proven):
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
+    ep = torch.export.export(_Attention(between).eval(), (torch.randn(2, 5, 16),),
+                             dynamic_shapes=({0: batch, 1: seq},))
+    seams = match_graph(ep.module().graph).value_seams
+    assert bool(seams) == proven
+    if proven:
+        assert (seams[0].producer, seams[0].consumer, seams[0].channel_map) == ("v", "o", list(range(16)))
+
+
 class _Block(torch.nn.Module):
     def __init__(self, residual_reads_norm: bool, shared_weight: bool):
         super().__init__()
@@ -128,11 +181,76 @@ def test_strength_search_finds_the_outlier_channel_and_never_loses():
     assert alpha is None or errors[alpha] < errors["none"]
 
 
+def _plant_channel_outliers(model, factor: float = 30.0):
+    """FP-equivalent edits that give every seam a channel outlier on every token, as real models have
+    (a random tiny model has none): channel 3 of each norm's output, of each up -> down and each v -> o
+    product made `factor` times larger, the consumers' columns `factor` times smaller."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layer.input_layernorm.weight[3] *= factor
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                lin.weight[:, 3] /= factor
+            layer.post_attention_layernorm.weight[3] *= factor
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight[:, 3] /= factor
+            mlp.up_proj.weight[3] *= factor
+            mlp.down_proj.weight[:, 3] /= factor
+            attn.v_proj.weight[3] *= factor
+            if attn.v_proj.bias is not None:
+                attn.v_proj.bias[3] *= factor
+            cfg = model.config
+            head_dim, rep = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+            for h in range(rep):  # the query heads that read key-value head 0, channel 3 of each
+                attn.o_proj.weight[:, h * head_dim + 3] /= factor
+    return model
+
+
 def test_smooth_lowers_static_error(calib_ids):
-    model = tiny_model("qwen2")
+    model = _plant_channel_outliers(tiny_model("qwen2", spike=False))
     kls = {}
     for t in ("identity", "smooth"):
         plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, granularity="static", transform=t,
                                                                    qfem="off", qfep="off"))
         kls[t] = _kl(model, glufx.compile(copy.deepcopy(model), plan=plan), calib_ids[8:])
-    assert kls["smooth"] < kls["identity"], kls
+    assert kls["smooth"] < 0.5 * kls["identity"], kls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mixtral"])
+def test_value_seams_rotate_offline_for_dynamic_scales(family, calib_ids):
+    """per-token recipe: o_proj's input is rotated across its v -> o seam in the weights (no op at run
+    time), the FP model is unchanged, and the Rotate stage leaves o_proj to it."""
+    model = tiny_model(family)
+    plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, granularity="per_token", qfem="off"))
+    summary = next(s for s in plan.stages if s["stage"] == "Transform")["summary"]
+    assert summary["by_kind"]["rotate_v_o"] == 2 and summary["max_fp_change"] <= 1e-5
+    for layer in range(2):
+        o = plan.modules[f"model.layers.{layer}.self_attn.o_proj"]
+        assert o.rotation is None and o.decisions["offline_rotation"]["block"] == 16  # head_dim 16
+        assert plan.modules[f"model.layers.{layer}.self_attn.q_proj"].rotation is not None  # the rest: online
+    transformed = glufx.prefixed(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        a, b = model(input_ids=calib_ids[:4]).logits, transformed(input_ids=calib_ids[:4]).logits
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    # the offline rotation serves quantization as the online one does: o_proj's quantized output error
+    from conftest import sqnr
+    from glufx.ops.reference import fake_quantize, dequantized_weight, hadamard
+
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] *= 40  # o's input with a channel outlier on every token
+    w = model.model.layers[0].self_attn.o_proj.weight.detach()
+    per_token = lambda v: fake_quantize(v, v.abs().amax(1, keepdim=True) / 127)  # noqa: E731
+    plain = sqnr(x @ w.T, per_token(x) @ dequantized_weight(w).T)
+    rotated = sqnr(x @ w.T, per_token(hadamard(x, 16)) @ dequantized_weight(hadamard(w, 16)).T)
+    assert rotated > plain + 3
+
+
+def test_value_rotation_block_needs_aligned_runs():
+    from glufx.transforms import value_rotation_block
+
+    gqa = torch.tensor([(j // 16 // 2) * 16 + j % 16 for j in range(64)])  # 4 query heads on 2 kv heads of 16
+    assert value_rotation_block(gqa, 32, 128) == 16
+    assert value_rotation_block(gqa, 32, 8) == 8
+    shuffled = gqa.clone()
+    shuffled[[0, 1]] = shuffled[[1, 0]]  # two columns read each other's channel: no block works
+    assert value_rotation_block(shuffled, 32, 128) == 0

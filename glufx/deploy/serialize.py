@@ -2,7 +2,8 @@
 
 A directory holding the HF `config.json`, `model.safetensors` (canonical INT8 weights `[N, K]` and
 scales, the FP weights of kept modules: no kernel layout, so it loads under every kernel), the plan
-(`glufx_plan.json` and its tensor sidecar), the calibration statistics (`glufx_stats.*`, for reports
+(`glufx_plan.json` and its tensor sidecar), the calibration statistics (`glufx_stats.*`, and every
+observation of the recipe under `observations/<i>/`: the first is the plain FP model's, for reports
 without recalibrating), and `prefix.safetensors` when QFeP is on.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..stats import JSON_FILE as STATS_FILE
 from ..stats import Statistics
 
 PLAN_FILE, WEIGHTS_FILE, PREFIX_FILE = "glufx_plan.json", "model.safetensors", "prefix.safetensors"
+OBSERVATIONS_DIR = "observations"
 
 
 def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
@@ -35,6 +37,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     plan.save(path / PLAN_FILE)
     if plan.stats is not None:
         plan.stats.save(path)
+    for i, observation in enumerate(getattr(plan, "observations", None) or []):  # every re-observation, for reports
+        observation.save(path / OBSERVATIONS_DIR / str(i))
     if isinstance(model, PrefixedLM):
         model.prefix().save(path / PREFIX_FILE)
     if tokenizer is not None:
@@ -57,6 +61,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     load_model(model, str(path / WEIGHTS_FILE), strict=True)
     if (path / STATS_FILE).exists():
         plan.stats = Statistics.load(path)
+    if (path / OBSERVATIONS_DIR).exists():
+        plan.observations = [Statistics.load(p) for p in sorted((path / OBSERVATIONS_DIR).iterdir(), key=lambda p: int(p.name))]
     if (path / PREFIX_FILE).exists():
         model = PrefixedLM(model, PrefixKV.load(path / PREFIX_FILE))
     model.glufx_plan = plan

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibdata import adds_bos
+from ..calibdata import adds_bos
 
 
 def perplexity_windows(text: str, tokenizer, seq_len: int, n_windows: Optional[int] = None) -> torch.Tensor:
@@ -33,7 +33,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     no prediction for position 1, so tables that compare it use first_scored=2 for every row, keeping
     the denominators identical across methods (docs/method.md §5).
     """
-    from .prefix import PrefixedLM
+    from ..prefix import PrefixedLM
 
     prefixed = isinstance(getattr(model, "_orig_mod", model), PrefixedLM)  # also under torch.compile
     if prefixed and first_scored < 2:
@@ -53,3 +53,15 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 
 def wikitext2_windows(path: str | Path, tokenizer, seq_len: int = 512, n_windows: int = 16) -> torch.Tensor:
     return perplexity_windows(Path(path).read_text(encoding="utf-8"), tokenizer, seq_len, n_windows)
+
+
+def wikitext_perplexity(model, tokenizer, path: str | Path | None = None, windows: int = 16, seq_len: int = 512,
+                        progress: bool = True) -> dict[str, float]:
+    """WikiText-2 perplexity as docs/method.md §5 tabulates it: scored from position 2 for every model, so that a
+    QFeP model (no prediction for position 1) shares the others' denominator. `path` is wiki.test.raw; None takes
+    the excerpt glufx ships, for quick runs."""
+    from importlib.resources import files
+
+    text = Path(path) if path is not None else files("glufx") / "resources" / "wikitext2_test_excerpt.txt"
+    ids = perplexity_windows(text.read_text(encoding="utf-8"), tokenizer, seq_len, windows)
+    return {"perplexity": perplexity(model, ids, progress=progress, desc="wikitext", first_scored=2)}
