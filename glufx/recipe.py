@@ -256,28 +256,25 @@ class Transform(Stage):
             weight_of = (lambda f: T.weight_of(ctx.model, f))
             # a linear producer's bias is divided too: a refused seam restores it with the weights
             biases = [ctx.model.get_submodule(producer).bias] if kind != "scale_norm" else []
-            saved = [(t, t.detach().clone()) for t in [weight_of(f) for f in touched] + biases if t is not None]
             before = T.fingerprint(*(weight_of(f) for f in (producer, *consumers)))
             for f in touched:  # the user's weights come back after calibration
                 ctx.backup.save(f.rpartition(".")[0] if kind == "scale_norm" and f not in consumers else f)
             if kind == "scale_norm":
-                T.scale_norm(ctx.model, producer, ns.bias, ns.scale, ns.offset, consumers, s)
+                edit = lambda: T.scale_norm(ctx.model, producer, ns.bias, ns.scale, ns.offset, consumers, s)  # noqa: E731
             elif kind == "scale_v_o":
-                T.scale_v_o(ctx.model.get_submodule(producer), ctx.model.get_submodule(consumers[0]), s, cmap)
+                edit = lambda: T.scale_v_o(ctx.model.get_submodule(producer),  # noqa: E731
+                                           ctx.model.get_submodule(consumers[0]), s, cmap)
             else:
-                T.scale_up_down(ctx.model.get_submodule(producer), ctx.model.get_submodule(consumers[0]), s)
-            moved = _relative_change(reference, _probe_outputs(ctx, probe))
-            if not moved <= self.tolerance:
-                with torch.no_grad():
-                    for t, v in saved:
-                        t.copy_(v)
+                edit = lambda: T.scale_up_down(ctx.model.get_submodule(producer),  # noqa: E731
+                                               ctx.model.get_submodule(consumers[0]), s)
+            moved, kept = self._checked(ctx, edit, [weight_of(f) for f in touched] + biases, reference, probe)
+            if not kept:
                 skipped[consumers[0]] = f"changed the FP model's outputs by {moved:.2e} (relative): refused"
                 continue
             worst = max(worst, moved)
             extra = {"norm_scale": ns.scale, "norm_offset": ns.offset, "bias": ns.bias} if ns is not None else {}
             if cmap is not None:
-                extra["channel_map"] = f"transform.{len(ctx.plan.transforms)}.channel_map"
-                ctx.plan.tensors[extra["channel_map"]] = cmap.clone()
+                extra["channel_map"] = _channel_map_key(ctx, producer, cmap)
             entry = T.record(ctx.plan, kind, producer, consumers, s, before,
                              T.fingerprint(*(weight_of(f) for f in (producer, *consumers))), alpha=alpha,
                              errors={str(k): v for k, v in errors.items()}, fp_change=moved, **extra)
@@ -313,26 +310,43 @@ class Transform(Stage):
             skipped[vs.consumer] = "the value seam's channel map has no aligned power-of-two blocks: rotated online"
             return None
         signs = random_signs(producer.out_features, seed=len(ctx.plan.transforms))
-        tensors = [t for t in (producer.weight, producer.bias, consumer.weight) if t is not None]
-        saved = [(t, t.detach().clone()) for t in tensors]
         before = T.fingerprint(producer.weight, consumer.weight)
         ctx.backup.save(vs.producer)
         ctx.backup.save(vs.consumer)
-        T.rotate_v_o(producer, consumer, block, signs, cmap)
-        moved = _relative_change(reference, _probe_outputs(ctx, probe))
-        if not moved <= self.tolerance:
-            with torch.no_grad():
-                for t, v in saved:
-                    t.copy_(v)
-            skipped[vs.consumer] = f"offline rotation changed the FP model's outputs by {moved:.2e}: refused"
+        moved, kept = self._checked(ctx, lambda: T.rotate_v_o(producer, consumer, block, signs, cmap),
+                                    [producer.weight, producer.bias, consumer.weight], reference, probe)
+        if not kept:
+            skipped[vs.consumer] = f"the offline rotation changed the FP model's outputs by {moved:.2e}: refused"
             return None
-        key = f"transform.{len(ctx.plan.transforms)}.channel_map"
-        ctx.plan.tensors[key] = cmap
         T.record(ctx.plan, "rotate_v_o", vs.producer, [vs.consumer], signs, before,
-                 T.fingerprint(producer.weight, consumer.weight), block=block, channel_map=key, fp_change=moved)
+                 T.fingerprint(producer.weight, consumer.weight), block=block,
+                 channel_map=_channel_map_key(ctx, vs.producer, cmap), fp_change=moved)
         ctx.plan.modules[vs.consumer].decisions["offline_rotation"] = {"block": block, "producer": vs.producer,
                                                                        "index": len(ctx.plan.transforms) - 1}
         return moved
+
+
+    def _checked(self, ctx: Context, edit, tensors: list, reference, probe) -> tuple[float, bool]:
+        """Apply `edit` (an FP-equivalent change of `tensors`), measure how far the FP model's outputs moved,
+        and undo it when that exceeds the tolerance: (relative change, kept)."""
+        import torch
+
+        saved = [(t, t.detach().clone()) for t in tensors if t is not None]
+        edit()
+        moved = _relative_change(reference, _probe_outputs(ctx, probe))
+        if moved <= self.tolerance:
+            return moved, True
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
+        return moved, False
+
+
+def _channel_map_key(ctx: Context, producer: str, cmap) -> str:
+    """One sidecar tensor per value seam, shared by its scaling and its rotation."""
+    key = f"value_seam.{producer}.channel_map"
+    ctx.plan.tensors.setdefault(key, cmap.clone())
+    return key
 
 
 def _probe_inputs(ctx: Context):
