@@ -82,6 +82,8 @@ def cmd_quantize(args) -> int:
 
     calib = _existing(args.calib, "--calib")
     out = Path(args.out)
+    if out.is_file():
+        raise UsageError(f"--out {out} is a file; give a directory to write the quantized model into")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     options = {"granularity": args.granularity, "num_samples": args.num_samples, "seq_len": args.seq_len,

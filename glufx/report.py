@@ -70,7 +70,7 @@ class Saved:
             return "?"
         if self.tokenizer is None:
             return f"#{tid}"
-        return repr(self.tokenizer.decode([tid]))[1:-1] or f"#{tid}"
+        return repr(self.tokenizer.decode([tid]))[1:-1].replace(" ", "␣") or f"#{tid}"
 
     @property
     def first(self) -> Statistics:
@@ -198,10 +198,14 @@ def _qfep_lines(saved: Saved) -> list[str]:
     if "fp_kl" in q:
         lines.append(f"Its own effect on the FP model: KL {q['fp_kl']:.4f} per token on held-out text (bound "
                      f"{q.get('max_fp_kl')}).")
+    # the prefix's own effect: the last observation without it against the first with it (the recipe's
+    # transforms, observed before, move the scores too)
     target = q.get("target")
-    before = {f: st for st in saved.first.inputs for f in st.fqns}.get(target)
-    after = saved.stats.by_fqn().get(target)
-    if plan.qfep is not None and before is not None and after is not None and saved.observations:
+    without = [o for o in saved.observations if not o.meta.get("qfep_active")]
+    with_prefix = [o for o in saved.observations if o.meta.get("qfep_active")]
+    before = without[-1].by_fqn().get(target) if without else None
+    after = with_prefix[0].by_fqn().get(target) if with_prefix else None
+    if plan.qfep is not None and before is not None and after is not None:
         lines.append(f"Spike score of `{target}`: {before.score:.1f} without the prefix, {after.score:.1f} with it "
                      f"(max token absmax {max(before.seq_max):.3g} -> {max(after.seq_max):.3g}).")
     return lines
