@@ -145,8 +145,11 @@ def cmd_eval(args) -> int:
                                    progress=not args.quiet))
         results[label], seconds[label] = res, time.perf_counter() - t0
         del model
+    from .deploy.serialize import PLAN_FILE
+    from .report import EVAL_FILE
+
     out = Path(args.out) if args.out else next(
-        (Path(s) / "glufx_eval.json" for s in args.models if (Path(s) / "glufx_plan.json").exists()), Path("glufx_eval.json"))
+        (Path(s) / EVAL_FILE for s in args.models if (Path(s) / PLAN_FILE).exists()), Path(EVAL_FILE))
     E.write_results(results, out, out.with_suffix(".md"), meta={"limit": args.limit, "seconds": seconds,
                                                                 "wikitext": str(wikitext) if wikitext else "excerpt"})
     print(out.with_suffix(".md").read_text())
