@@ -40,7 +40,7 @@ class Saved:
     """What a report reads from a glufx.save directory."""
 
     def __init__(self, directory: str | Path):
-        from .deploy.serialize import OBSERVATIONS_DIR, PLAN_FILE
+        from .deploy.serialize import PLAN_FILE, load_observations
 
         self.dir = Path(directory)
         if not (self.dir / PLAN_FILE).exists():
@@ -52,9 +52,7 @@ class Saved:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"glufx report: {self.dir} holds a plan but no calibration statistics; save the "
                                     "model with this glufx (glufx.save writes them)") from e
-        obs_dir = self.dir / OBSERVATIONS_DIR
-        self.observations = [Statistics.load(p) for p in sorted(obs_dir.iterdir(), key=lambda p: int(p.name))] \
-            if obs_dir.exists() else []
+        self.observations = load_observations(self.dir)
         self.eval = json.loads((self.dir / EVAL_FILE).read_text()) if (self.dir / EVAL_FILE).exists() else None
         self.tokenizer = None
         if (self.dir / "tokenizer_config.json").exists():

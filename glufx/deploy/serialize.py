@@ -62,8 +62,14 @@ def load(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     if (path / STATS_FILE).exists():
         plan.stats = Statistics.load(path)
     if (path / OBSERVATIONS_DIR).exists():
-        plan.observations = [Statistics.load(p) for p in sorted((path / OBSERVATIONS_DIR).iterdir(), key=lambda p: int(p.name))]
+        plan.observations = load_observations(path)
     if (path / PREFIX_FILE).exists():
         model = PrefixedLM(model, PrefixKV.load(path / PREFIX_FILE))
     model.glufx_plan = plan
     return model
+
+
+def load_observations(path: str | Path) -> list[Statistics]:
+    """Every observation glufx.save wrote under `observations/<i>/`, in recipe order ([] when none)."""
+    d = Path(path) / OBSERVATIONS_DIR
+    return [Statistics.load(p) for p in sorted(d.iterdir(), key=lambda p: int(p.name))] if d.exists() else []
