@@ -41,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="items per zero-shot task (default: all)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--granularities", default="per_sequence,static")
+    ap.add_argument("--rows", default=",".join(["FP32", *GRID]),
+                    help="which rows to run (default all: FP32," + ",".join(GRID) + ")")
     ap.add_argument("--out", default="paper_grid.json")
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
@@ -48,7 +50,16 @@ def main(argv=None):
     tasks = [t for t in args.tasks.split(",") if t]
     model, tok = load_gemma3_270m()
     wikitext = data / "wikitext-2-raw" / "wiki.test.raw"
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r != "FP32" and r not in GRID]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from FP32,{','.join(GRID)}")
+    out = Path(args.out)
     results, times = {}, {}
+
+    def save():  # after every row: a long run that stops keeps what it measured
+        write_results(results, out, out.with_suffix(".md"), meta={"limit": args.limit, "times": times, "calib": calib,
+                                                                  "threads": torch.get_num_threads()})
 
     def evaluate(label, m, calib_s=0.0):
         t0 = time.perf_counter()
@@ -63,10 +74,14 @@ def main(argv=None):
         print(f"{label}: ppl {res['wikitext']['perplexity']:.3f}"
               + (f", mean acc {res['mean']['acc']:.4f}" if "mean" in res else "")
               + f" (calibration {calib_s:.0f} s, eval {times[label]['eval_s']:.0f} s)", flush=True)
+        save()
 
-    evaluate("FP32", model)
+    if "FP32" in rows:
+        evaluate("FP32", model)
     for gran in args.granularities.split(","):
         for name, options in GRID.items():
+            if name not in rows:
+                continue
             cfg = glufx.GlufxConfig(granularity=gran, progress=False, **options)
             t0 = time.perf_counter()
             plan = glufx.calibrate(model, calib, cfg, tokenizer=tok)
@@ -74,9 +89,6 @@ def main(argv=None):
             q = glufx.compile(copy.deepcopy(model), plan=plan)
             evaluate(f"{gran} {name} (INT8 {100 * plan.int8_param_share():.0f} %)", q, calib_s)
             del q
-    out = Path(args.out)
-    write_results(results, out, out.with_suffix(".md"), meta={"limit": args.limit, "times": times, "calib": calib,
-                                                              "threads": torch.get_num_threads()})
     print(markdown_table(results))
 
 

@@ -6,7 +6,8 @@
 from . import ops  # noqa: F401  (registers torch.ops.glufx before anything loads a program using them)
 from .api import NoGLUError, calibrate, check_model, compile, prefixed
 from .config import GlufxConfig
-from .deploy import aoti_package, export, load, save, to_torchao
+from .deploy import aoti_package, export, load, save, save_pretrained, to_torchao
+from .deploy.hf_quantizer import register as _register_hf_quantizer
 from .lower import PlanMismatchError, counters, lower
 from .nn import Int8GLU, Int8Linear
 from .observe import CalibrationError
@@ -17,6 +18,11 @@ from .stats import Statistics
 
 __all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "lower", "counters",
            "check_model", "NoGLUError", "CalibrationError", "PlanMismatchError", "prefixed", "export", "aoti_package",
-           "save", "load", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
+           "save", "load", "save_pretrained", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
            "DecideScales", "DecideQFeM", "DecideTarget", "Rotate", "Statistics"]
 __version__ = "0.2.0"
+
+# The one registration at import: transformers has no plugin discovery for quantizers, and the promise is that
+# `import glufx` makes from_pretrained read glufx checkpoints. It adds the name "glufx" to transformers' quantizer
+# registry and nothing else (the torch.compile backend registers through its entry point instead).
+_register_hf_quantizer()

@@ -93,16 +93,27 @@ def cmd_quantize(args) -> int:
         options.pop("granularity")
     if args.qfem is not None:
         options["qfem"] = args.qfem
+    if args.rotation is not None:
+        options["rotation"] = args.rotation
     try:
         config = glufx.GlufxConfig(**options)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.format == "compressed-tensors":
+        _check_engine_format(config, args)
+    elif args.drop_prefix:
+        raise UsageError("--drop-prefix applies to --format compressed-tensors; the glufx format keeps the prefix")
     model, tok, kind = load_model(args.model)
     if kind == "glufx":
         raise UsageError(f"model {args.model!r} is already quantized by glufx; give the floating-point model")
     t0 = time.perf_counter()
     qmodel = glufx.compile(model, str(calib), config, tokenizer=tok)
-    glufx.save(qmodel, out, tokenizer=tok)
+    from .deploy.compressed_tensors import ExportError
+
+    try:
+        glufx.save_pretrained(qmodel, out, tokenizer=tok, format=args.format, drop_prefix=args.drop_prefix)
+    except ExportError as e:
+        raise UsageError(str(e)) from e
     (out / SOURCE_FILE).write_text(json.dumps({"model": args.model if args.model in PACKAGED
                                                else str(Path(args.model).resolve()), "calib": str(calib.resolve()),
                                                "config": config.to_dict()}, indent=1))
@@ -110,6 +121,20 @@ def cmd_quantize(args) -> int:
     print(f"\nsaved to {out} in {time.perf_counter() - t0:.0f} s; next: glufx eval {args.model} {out} --tasks wikitext; "
           f"glufx report {out}")
     return 0
+
+
+def _check_engine_format(config, args) -> None:
+    """Refuse, before minutes of calibration, the options whose result compressed-tensors cannot carry."""
+    if config.target is None and config.granularity not in ("per_token", "static"):
+        raise UsageError(f"--format compressed-tensors has no {config.granularity} activations; use --granularity "
+                         "per_token (dynamic, one scale per token) or static")
+    dynamic = config.target is not None or config.granularity != "static"
+    if dynamic and config.rotation != "off":
+        raise UsageError("--format compressed-tensors cannot express glufx's online rotation of dynamic inputs; add "
+                         "--rotation off (offline rotations folded into the weights are kept)")
+    if config.resolved("qfep") != "off" and not args.drop_prefix:
+        raise UsageError("--format compressed-tensors has no place for a QFeP prefix (static scales take one by "
+                         "default); add --qfep off, or --drop-prefix to export the model without it")
 
 
 # ---- eval ------------------------------------------------------------------------------------------
@@ -219,6 +244,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--qfep", default="auto", choices=["auto", "off", "paper", "prefixquant"],
                    help="quantization-free prefix (auto: on for static scales)")
     q.add_argument("--qfem", default=None, choices=["auto", "alpha", "budget", "off"], help="which linears keep FP")
+    q.add_argument("--rotation", default=None, choices=["hadamard", "off"],
+                   help="online input rotation for dynamic scales (default hadamard; compressed-tensors needs off)")
+    q.add_argument("--format", default="glufx", choices=["glufx", "compressed-tensors"],
+                   help="glufx: read by glufx.load and transformers' from_pretrained (default); compressed-tensors: "
+                        "read by vLLM (docs/deploy.md)")
+    q.add_argument("--drop-prefix", action="store_true",
+                   help="compressed-tensors only: export a QFeP model without its prefix (measured cost: docs/deploy.md)")
     q.add_argument("--num-samples", type=int, default=32, help="calibration sequences (default 32)")
     q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")

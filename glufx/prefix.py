@@ -156,3 +156,37 @@ class PrefixedLM(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
+
+
+def attach_prefix(model: nn.Module, prefix: PrefixKV) -> nn.Module:
+    """Give an HF causal LM the QFeP prefix in place, for loaders that must return the model object they built
+    (transformers' from_pretrained): its class becomes a subclass whose forward and generate start a new
+    sequence from the prefix, through a PrefixedLM around the model. Calls that bring their own cache (every
+    step after the first) run the original forward. `as_prefixed(model)` returns that PrefixedLM."""
+    base = type(model)
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            return self._glufx_prefixed(*args, **kwargs)  # it calls back here with its prefix cache
+        return base.forward(self, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            return self._glufx_prefixed.generate(*args, **kwargs)
+        return base.generate(self, *args, **kwargs)
+
+    wrapper = PrefixedLM(model, prefix)
+    # held outside the module tree: the wrapper holds the model, and a cycle would recurse in state_dict()
+    object.__setattr__(model, "_glufx_prefixed", wrapper)
+    model.__class__ = type(f"Prefixed{base.__name__}", (base,), {"forward": forward, "generate": generate,
+                                                                 "__module__": base.__module__})
+    return model
+
+
+def as_prefixed(model: nn.Module) -> Optional[PrefixedLM]:
+    """The PrefixedLM that runs `model` (itself, the one attach_prefix gave it, or either under torch.compile),
+    or None for a model without a QFeP prefix."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, PrefixedLM):
+        return model
+    return model.__dict__.get("_glufx_prefixed")

@@ -68,12 +68,28 @@ def _has_lm_eval():
     (["quantize", "{fp}", "--calib", "missing.jsonl", "--out", "{tmp}/x"], "--calib 'missing.jsonl' does not exist"),
     (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--target", "-1"], "target must be a positive"),
     (["report", "{fp}"], "glufx_plan.json"),
+    (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--format", "compressed-tensors"], "--rotation off"),
+    (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--format", "compressed-tensors",
+      "--granularity", "per_sequence"], "--granularity per_token"),
+    (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--format", "compressed-tensors",
+      "--granularity", "static"], "--qfep off, or --drop-prefix"),
+    (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--drop-prefix"], "applies to --format"),
     (["bench", "{fp}"], "not a glufx model directory"),
 ])
 def test_bad_arguments_name_the_fix(workdir, tmp_path, capsys, argv, needle):
     argv = [a.format(fp=workdir / "fp", calib=workdir / "calib.jsonl", tmp=tmp_path) for a in argv]
     assert main(argv) == EXIT_USAGE
     assert needle in capsys.readouterr().err
+
+
+def test_quantize_to_compressed_tensors(workdir, tmp_path):
+    out = tmp_path / "ct"
+    assert main(["quantize", str(workdir / "fp"), "--calib", str(workdir / "calib.jsonl"), "--out", str(out),
+                 "--num-samples", "8", "--seq-len", "32", "--quiet", "--format", "compressed-tensors",
+                 "--granularity", "static", "--drop-prefix"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert (out / "tokenizer_config.json").exists()  # an engine needs the tokenizer beside the weights
 
 
 def test_a_model_without_glu_exits_with_its_own_code(tmp_path, capsys):

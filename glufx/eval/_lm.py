@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from ..prefix import PrefixedLM
+from ..prefix import as_prefixed
 
 
 class GlufxLM(HFLM):
@@ -26,8 +26,8 @@ class GlufxLM(HFLM):
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         finally:
             del model.tie_weights
-        inner = getattr(model, "_orig_mod", model)  # also under torch.compile
-        self.prefix_bos = inner.bos_token_id if isinstance(inner, PrefixedLM) else None
+        prefixed = as_prefixed(model)  # a PrefixedLM, one a loader attached, or either under torch.compile
+        self.prefix_bos = prefixed.bos_token_id if prefixed is not None else None
         self.progress = progress
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:

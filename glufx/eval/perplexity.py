@@ -33,9 +33,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     no prediction for position 1, so tables that compare it use first_scored=2 for every row, keeping
     the denominators identical across methods (docs/method.md §5).
     """
-    from ..prefix import PrefixedLM
+    from ..prefix import as_prefixed
 
-    prefixed = isinstance(getattr(model, "_orig_mod", model), PrefixedLM)  # also under torch.compile
+    prefixed = as_prefixed(model) is not None  # a PrefixedLM or a loaded model with its prefix attached
     if prefixed and first_scored < 2:
         raise ValueError("perplexity: a QFeP model predicts tokens from position 2 on; pass first_scored=2 "
                          "(and use it for every model you compare against)")
