@@ -28,10 +28,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    med, other = defaultdict(dict), defaultdict(dict)
+    med, other, rot = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for bench in session.benchmarks:
         p, median = bench.params, bench.stats.median
-        if "shape" in p:
+        if "variant" in p:
+            rot[(p["shape"], p["M"], p["threads"])][p["variant"]] = median
+            if "paired_cost" in bench.extra_info:
+                rot[(p["shape"], p["M"], p["threads"])][p["variant"] + " paired"] = bench.extra_info["paired_cost"]
+        elif "shape" in p:
             med[(p["shape"], p["M"], p["threads"])][p["impl"]] = median
         else:
             other[bench.group][p["impl"]] = median
@@ -40,6 +44,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "fp32" in d and "glufx" in d:
             tr.write_line(f"{group}: FP32 {1e3 * d['fp32']:.1f} ms, glufx {1e3 * d['glufx']:.1f} ms, "
                           f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
+    if rot:
+        tr.write_line("")
+        tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
+        tr.write_line("online rotation cost: median time / plain glufx linear's - 1 (same process, back to back)")
+        tr.write_line("(paired: median ratio of alternating batches, the drift-free estimate)")
+        tr.write_line(f"{'K x N':>12} {'M':>4} {'thr':>3} {'plain us':>10} {'fused':>9} {'paired':>9} {'separate':>9}"
+                      f" {'paired':>9}")
+        for (shape, M, th), d in sorted(rot.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+            if "plain" not in d:
+                continue
+            cost = lambda v: f"{100 * (d[v] / d['plain'] - 1):+8.1f}%" if v in d else f"{'-':>9}"  # noqa: E731
+            paired = lambda v: f"{100 * d[v]:+8.1f}%" if v in d else f"{'-':>9}"  # noqa: E731
+            tr.write_line(f"{shape:>12} {M:>4} {th:>3} {1e6 * d['plain']:10.1f} {cost('fused')} {paired('fused paired')}"
+                          f" {cost('separate')} {paired('separate paired')}")
     if not med:
         return
     import numpy
@@ -56,7 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for (shape, M, th), d in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         g = d.get("glufx")
         cells = "".join(f"{1e3 * d[i]:15.3f}" if i in d else f"{'-':>15}" for i in impls)
-        best_fp = min(d[i] for i in ("fp32_linear", "fp32_numpy") if i in d) if g else None
+        best_fp = min((d[i] for i in ("fp32_linear", "fp32_numpy") if i in d), default=None)  # -k may skip both
         ratio = lambda b: f"{b / g:.2f}x" if g and b else "-"  # noqa: E731
         tr.write_line(f"{shape:>12} {M:>4} {th:>3} {cells}{ratio(best_fp):>14}{ratio(d.get('fbgemm_dynamic')):>11}"
                       f"{ratio(d.get('torchao_int8')):>11}{ratio(d.get('pt2e_x86')):>9}"

@@ -37,11 +37,13 @@ void fwht_block_generic(float* x, int64_t b) {
 #ifdef GLUFX_X86
 // Stages h = 1, 2, 4 in registers (lane permutes; each lane computes exactly the scalar a + c or
 // a - c), stages h >= 8 on whole vectors.
-__attribute__((target("avx2"))) void fwht_block_avx2(float* x, int64_t b) {
-  // b >= 8 (the caller checks). Upper lanes of a pair take partner - self (= a - c), the others self +
-  // partner (= a + c, commutative in IEEE arithmetic).
+__attribute__((target("avx2"))) void fwht_block_avx2(const float* src, const float* d, float* x, int64_t b) {
+  // b >= 8 (the caller checks). The first three stages read src (times the signs d, exact) and write x.
+  // Upper lanes of a pair take partner - self (= a - c), the others self + partner (= a + c,
+  // commutative in IEEE arithmetic).
   for (int64_t i = 0; i < b; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
+    __m256 v = _mm256_loadu_ps(src + i);
+    if (d) v = _mm256_mul_ps(v, _mm256_loadu_ps(d + i));
     __m256 s = _mm256_permute_ps(v, 0xB1);  // h = 1: partners (0,1) (2,3) ...
     v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xAA);
     s = _mm256_permute_ps(v, 0x4E);  // h = 2: partners (0,2) (1,3) ...
@@ -59,9 +61,77 @@ __attribute__((target("avx2"))) void fwht_block_avx2(float* x, int64_t b) {
       }
 }
 
-__attribute__((target("avx2"))) void scale_row_avx2(float* x, int64_t K, float s, int64_t& k) {
-  const __m256 v = _mm256_set1_ps(s);
-  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(x + k, _mm256_mul_ps(_mm256_loadu_ps(x + k), v));
+// x[k] *= s over the first K - K % 8 values, and their max |x| (finite &= each is finite) in the same
+// pass: the per-token scale's reduction costs no extra read. Returns how many it covered.
+__attribute__((target("avx2"))) int64_t scale_absmax_avx2(float* x, int64_t K, float s, float& amax, bool& finite) {
+  const __m256 vs = _mm256_set1_ps(s), sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.402823466e38f);
+  __m256 a = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + k), vs);
+    _mm256_storeu_ps(x + k, y);
+    const __m256 m = _mm256_andnot_ps(sign, y);
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(m, big, _CMP_LE_OQ));  // false for NaN and Inf
+    a = _mm256_max_ps(a, m);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  for (float l : lanes) amax = std::max(amax, l);
+  finite &= _mm256_movemask_ps(ok) == 0xFF;
+  return k;
+}
+
+// A block of 16 * NV floats (16 to 128) wholly in zmm registers: signs, every butterfly stage, 1/sqrt(b)
+// and the absmax in one load and one store per value. Within a register the stages h = 1, 2, 4, 8 pair
+// lanes by permutes (upper lane of a pair: partner - self = a - c); h >= 16 pairs whole registers.
+template <int NV>
+__attribute__((target("avx512f"))) void rotate_block_avx512(const float* src, const float* d, float* dst, float inv,
+                                                          __m512& amax, __mmask16& ok) {
+  __m512 v[NV];
+  for (int r = 0; r < NV; ++r) {
+    v[r] = _mm512_loadu_ps(src + 16 * r);
+    if (d) v[r] = _mm512_mul_ps(v[r], _mm512_loadu_ps(d + 16 * r));
+    __m512 s = _mm512_permute_ps(v[r], 0xB1);  // h = 1
+    v[r] = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(v[r], s), _mm512_sub_ps(s, v[r]));
+    s = _mm512_permute_ps(v[r], 0x4E);  // h = 2
+    v[r] = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(v[r], s), _mm512_sub_ps(s, v[r]));
+    s = _mm512_shuffle_f32x4(v[r], v[r], 0xB1);  // h = 4: 128-bit lanes (1, 0, 3, 2)
+    v[r] = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(v[r], s), _mm512_sub_ps(s, v[r]));
+    s = _mm512_shuffle_f32x4(v[r], v[r], 0x4E);  // h = 8: 128-bit lanes (2, 3, 0, 1)
+    v[r] = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(v[r], s), _mm512_sub_ps(s, v[r]));
+  }
+  for (int h = 1; h < NV; h *= 2)  // h registers = 16 h floats
+    for (int i = 0; i < NV; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const __m512 a = v[j], c = v[j + h];
+        v[j] = _mm512_add_ps(a, c);
+        v[j + h] = _mm512_sub_ps(a, c);
+      }
+  const __m512 vs = _mm512_set1_ps(inv), big = _mm512_set1_ps(3.402823466e38f);
+  for (int r = 0; r < NV; ++r) {
+    const __m512 y = _mm512_mul_ps(v[r], vs);
+    _mm512_storeu_ps(dst + 16 * r, y);
+    const __m512 m = _mm512_abs_ps(y);
+    ok &= _mm512_cmp_ps_mask(m, big, _CMP_LE_OQ);  // false for NaN and Inf
+    amax = _mm512_max_ps(amax, m);
+  }
+}
+
+__attribute__((target("avx512f"))) void rotate_row_avx512(const float* src, const float* d, float* dst, int64_t K,
+                                                        int64_t block, float inv, float& amax, bool& finite) {
+  __m512 a = _mm512_setzero_ps();
+  __mmask16 ok = 0xFFFF;
+  for (int64_t o = 0; o < K; o += block) {
+    const float* so = d ? d + o : nullptr;
+    switch (block) {
+      case 16: rotate_block_avx512<1>(src + o, so, dst + o, inv, a, ok); break;
+      case 32: rotate_block_avx512<2>(src + o, so, dst + o, inv, a, ok); break;
+      case 64: rotate_block_avx512<4>(src + o, so, dst + o, inv, a, ok); break;
+      default: rotate_block_avx512<8>(src + o, so, dst + o, inv, a, ok); break;
+    }
+  }
+  amax = std::max(amax, _mm512_reduce_max_ps(a));
+  finite &= ok == 0xFFFF;
 }
 #endif
 
@@ -79,6 +149,37 @@ void check_rotation(int64_t K, int64_t block, const c10::optional<at::Tensor>& s
               "glufx::", op, ": rotation signs must be float32 with one value per input feature (", K, ")");
 }
 
+void rotate_row(const float* src, const float* signs, float* dst, int64_t K, int64_t block, float& amax,
+                bool& finite) {
+  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  int64_t k = 0;
+#ifdef GLUFX_X86
+  const int level = cpu_kernel_level();
+  if (level >= 2 && block >= 16 && block <= 128) {  // level 2 (vnni) implies AVX-512F
+    rotate_row_avx512(src, signs, dst, K, block, inv, amax, finite);
+    return;
+  }
+  if (level >= 1 && block >= 8) {
+    for (int64_t o = 0; o < K; o += block) fwht_block_avx2(src + o, signs ? signs + o : nullptr, dst + o, block);
+    k = scale_absmax_avx2(dst, K, inv, amax, finite);
+  } else
+#endif
+  {
+    if (signs) {
+      for (int64_t j = 0; j < K; ++j) dst[j] = src[j] * signs[j];  // +-1: exact
+    } else {
+      std::copy(src, src + K, dst);
+    }
+    for (int64_t o = 0; o < K; o += block) fwht_block_generic(dst + o, block);
+  }
+  for (; k < K; ++k) {
+    dst[k] = dst[k] * inv;
+    const float v = std::fabs(dst[k]);
+    finite &= v <= 3.402823466e38f;
+    amax = std::max(amax, v);
+  }
+}
+
 at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional<at::Tensor>& signs) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
   at::Tensor out = at::empty_like(x2d);
@@ -86,29 +187,10 @@ at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional
   const float* xs = x2d.data_ptr<float>();
   const float* ds = d.defined() ? d.data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
-  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
-#ifdef GLUFX_X86
-  const bool avx2 = cpu_has_avx2() && block >= 8;
-#endif
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      float* row = y + m * K;
-      const float* src = xs + m * K;
-      if (ds) {
-        for (int64_t j = 0; j < K; ++j) row[j] = src[j] * ds[j];  // +-1: exact
-      } else {
-        std::copy(src, src + K, row);
-      }
-      int64_t k = 0;
-#ifdef GLUFX_X86
-      if (avx2) {
-        for (int64_t o = 0; o < K; o += block) fwht_block_avx2(row + o, block);
-        scale_row_avx2(row, K, inv, k);
-      } else
-#endif
-        for (int64_t o = 0; o < K; o += block) fwht_block_generic(row + o, block);
-      for (; k < K; ++k) row[k] = row[k] * inv;
-    }
+    float amax = 0.f;  // unused here; the fused linear (packed_linear.cpp) takes its scales from it
+    bool finite = true;
+    for (int64_t m = b; m < e; ++m) rotate_row(xs + m * K, ds, y + m * K, K, block, amax, finite);
   });
   return out;
 }

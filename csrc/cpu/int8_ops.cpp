@@ -144,6 +144,18 @@ __attribute__((target("avx2"))) int64_t absmax_avx2(const float* x, int64_t K, f
 }
 #endif
 
+void row_absmax(const float* row, int64_t K, float& amax, bool& finite) {
+  int64_t k = 0;
+#ifdef GLUFX_X86
+  if (cpu_has_avx2()) k = absmax_avx2(row, K, amax, finite);
+#endif
+  for (; k < K; ++k) {
+    const float v = std::fabs(row[k]);
+    finite &= v <= 3.402823466e38f;  // false for NaN and Inf
+    amax = std::max(amax, v);
+  }
+}
+
 // Per-row scales [M] of x2d [M, K] (float32, contiguous) for the given granularity.
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op) {
@@ -166,18 +178,9 @@ at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t 
   float* amax = amax_t.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      const float* row = x + m * K;
       float a = 0.f;
       bool finite = true;
-      int64_t k = 0;
-#ifdef GLUFX_X86
-      if (cpu_has_avx2()) k = absmax_avx2(row, K, a, finite);
-#endif
-      for (; k < K; ++k) {
-        const float v = std::fabs(row[k]);
-        finite &= v <= 3.402823466e38f;  // false for NaN and Inf
-        a = std::max(a, v);
-      }
+      row_absmax(x + m * K, K, a, finite);
       amax[m] = finite ? a : NAN;
     }
   });

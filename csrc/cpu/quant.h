@@ -45,6 +45,8 @@ inline at::Tensor to_output(const at::Tensor& out, const at::Tensor& x, int64_t 
 }
 
 void check_float(const at::Tensor& x, const char* op);
+// max |row[k]| over k < K into amax; finite &= every value is finite (not NaN or Inf).
+void row_absmax(const float* row, int64_t K, float& amax, bool& finite);
 // Per-row activation scales [M] of x2d [M, K] (float32, contiguous) for a granularity.
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op);
@@ -56,8 +58,15 @@ void quantize_row(const float* x, int64_t K, float s, int32_t offset, T* out);
 // x [..., K] -> (float32 [M, K] contiguous, rows per sequence)
 std::pair<at::Tensor, int64_t> flatten_activations(const at::Tensor& x);
 bool cpu_has_avx2();
+// The CPU kernel variant in force (GLUFX_CPU_KERNEL / glufx::set_cpu_kernel): 0 generic, 1 avx2, 2 vnni
+// (AVX-512). The rotation follows it too, so tests run each of its variants in one process.
+int cpu_kernel_level();
 // Online rotation (csrc/cpu/hadamard.cpp): block a power of two dividing K, or 0 for none; signs [K].
 void check_rotation(int64_t K, int64_t block, const c10::optional<at::Tensor>& signs, const char* op);
+// One row: dst = H_block (signs * src) (signs may be null), and max |dst| into amax (finite &= every value
+// of dst is finite), computed in the pass that applies 1/sqrt(block).
+void rotate_row(const float* src, const float* signs, float* dst, int64_t K, int64_t block, float& amax,
+                bool& finite);
 // x2d [M, K] float32 contiguous -> H_block (signs * x) row by row, a new tensor.
 at::Tensor rotate_rows(const at::Tensor& x2d, int64_t block, const c10::optional<at::Tensor>& signs);
 

@@ -57,8 +57,13 @@ def vllm_perplexity(model_dir: str | Path, windows: torch.Tensor, first_scored: 
     """Perplexity of `windows` [B, T] (BOS first) as vLLM runs the checkpoint, scoring positions
     first_scored..T-1 of every row: glufx.eval.perplexity's protocol."""
     ans = run_vllm(model_dir, windows.tolist(), max_tokens=1, **kw)
-    # prompt_logprobs[t - 1] is log p(token_t | tokens_<t)
-    nll = -sum(sum(lps[first_scored - 1:]) for lps in ans["prompt_logprobs"])
-    n = sum(len(lps[first_scored - 1:]) for lps in ans["prompt_logprobs"])
-    return {"perplexity": float(torch.tensor(nll / n).exp()), "tokens": n, "vllm": ans["vllm"],
+    return {**perplexity_from_logprobs(ans["prompt_logprobs"], first_scored), "vllm": ans["vllm"],
             "seconds": ans["seconds"]}
+
+
+def perplexity_from_logprobs(prompt_logprobs: Sequence[Sequence[float]], first_scored: int = 2) -> dict:
+    """glufx's perplexity protocol over run_vllm's prompt log-probabilities, where entry t - 1 of a row is
+    log p(token_t | tokens_<t): positions first_scored.. of every row."""
+    nll = -sum(sum(lps[first_scored - 1:]) for lps in prompt_logprobs)
+    n = sum(len(lps[first_scored - 1:]) for lps in prompt_logprobs)
+    return {"perplexity": float(torch.tensor(nll / n).exp()), "tokens": n}

@@ -7,7 +7,7 @@ import torch
 
 import glufx
 from glufx.nn import Int8Linear
-from glufx.ops import GRANULARITIES, reference
+from glufx.ops import GRANULARITIES, cpu_kernel, reference
 from glufx.rotate import fold, hadamard_block, random_signs
 
 ops = torch.ops.glufx
@@ -20,12 +20,20 @@ def _dense_hadamard(b: int) -> torch.Tensor:
     return h / math.sqrt(b)
 
 
-@pytest.mark.parametrize("K,block", [(640, 128), (2048, 128), (64, 64), (24, 8), (12, 4), (6, 2), (40, 8)])
+# the rotation follows the CPU kernel variant: generic (scalar), avx2 (butterflies on ymm, blocks >= 8), vnni
+# (AVX-512: blocks of 16..128 wholly in zmm registers); each must give the reference's bits
+KERNELS = ["generic", "avx2", "vnni"]
+
+
+@pytest.mark.parametrize("K,block", [(640, 128), (2048, 128), (64, 64), (96, 32), (48, 16), (24, 8), (12, 4), (6, 2),
+                                     (40, 8), (512, 256)])
 @pytest.mark.parametrize("with_signs", [False, True])
-def test_hadamard_matches_reference_and_dense_matrix(K, block, with_signs):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_hadamard_matches_reference_and_dense_matrix(K, block, with_signs, kernel):
     x = torch.randn(3, 5, K, dtype=torch.float32) * 4
     signs = random_signs(K, 1) if with_signs else None
-    y = ops.hadamard(x, block, signs)
+    with cpu_kernel(kernel):
+        y = ops.hadamard(x, block, signs)
     assert torch.equal(y, reference.hadamard(x, block, signs))
     d = signs.double() if with_signs else torch.ones(K, dtype=torch.float64)
     dense = torch.block_diag(*[_dense_hadamard(block)] * (K // block))
@@ -46,6 +54,47 @@ def test_rotated_int8_linear_and_glu_match_reference(granularity):
     assert torch.equal(y, reference.int8_linear(x, wq, ws, None, xs, granularity, signs, 32))
     g = ops.int8_glu(x, wq, ws, wq2, ws2, "silu", xs, granularity, signs, 32)
     assert torch.equal(g, reference.int8_glu(x, wq, ws, wq2, ws2, "silu", xs, granularity, signs, 32))
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "static"])
+@pytest.mark.parametrize("block,dtype", [(4, torch.float32), (64, torch.float32), (64, torch.bfloat16),
+                                         (128, torch.float32)])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_rotation_is_bit_equal_to_rotating_first(granularity, block, dtype, kernel):
+    # per-token and static linears rotate each row inside the quantization loop (one pass); the result must be
+    # the bits of rotating the whole input first, then quantizing it unrotated
+    g = GRANULARITIES[granularity]
+    K, N = 256, 48
+    x = (torch.randn(3, 9, K) * 3).to(dtype)
+    x[..., 17] *= 40
+    signs = random_signs(K, 3)
+    wq, ws = ops.quantize_weight(torch.randn(N, K))
+    xs = torch.tensor([0.2]) if granularity == "static" else None
+    with cpu_kernel(kernel):
+        _fused_vs_rotating_first(x, wq, ws, xs, g, signs, block, dtype)
+    fused = ops.int8_linear(x, wq, ws, None, xs, g, signs, block)
+    assert torch.equal(fused, reference.int8_linear(x, wq, ws, None, xs, g, signs, block))
+
+
+def _fused_vs_rotating_first(x, wq, ws, xs, g, signs, block, dtype):
+    fused = ops.int8_linear(x, wq, ws, None, xs, g, signs, block)
+    rotated_first = ops.int8_linear(ops.hadamard(x.float(), block, signs), wq, ws, None, xs, g).to(dtype)
+    assert torch.equal(fused, rotated_first)
+    # the GLU's activation and product run in x's dtype, so compare in float32 where rounding the rotated
+    # input to bf16 cannot enter
+    if dtype == torch.float32:
+        glu = ops.int8_glu(x, wq, ws, wq, ws, "gelu_tanh", xs, g, signs, block)
+        glu_first = ops.int8_glu(ops.hadamard(x, block, signs), wq, ws, wq, ws, "gelu_tanh", xs, g)
+        assert torch.equal(glu, glu_first)
+
+
+def test_fused_rotation_names_a_nan_row():
+    K = 64
+    x = torch.randn(5, K)
+    x[3, 10] = float("nan")
+    wq, ws = ops.quantize_weight(torch.randn(16, K))
+    with pytest.raises(RuntimeError, match="NaN or Inf at row 3"):
+        ops.int8_linear(x, wq, ws, None, None, GRANULARITIES["per_token"], random_signs(K, 0), 32)
 
 
 def test_opcheck_rotated_ops():
