@@ -28,10 +28,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    med, other, rot = defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    med, other, rot, speed = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for bench in session.benchmarks:
+        if not bench.stats.data:  # a test that failed before timing anything
+            continue
         p, median = bench.params, bench.stats.median
-        if "variant" in p:
+        if "tokens_per_s" in bench.extra_info:
+            speed[(p["case"], p["threads"])].update(bench.extra_info["tokens_per_s"])
+            speed[("bytes", 0)].update(bench.extra_info["weight_bytes"])
+        elif "bandwidth_gbs" in bench.extra_info:
+            speed[("stream", 0)][bench.extra_info["threads"]] = bench.extra_info["bandwidth_gbs"]
+        elif "variant" in p:
             rot[(p["shape"], p["M"], p["threads"])][p["variant"]] = median
             if "paired_cost" in bench.extra_info:
                 rot[(p["shape"], p["M"], p["threads"])][p["variant"] + " paired"] = bench.extra_info["paired_cost"]
@@ -44,6 +51,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "fp32" in d and "glufx" in d:
             tr.write_line(f"{group}: FP32 {1e3 * d['fp32']:.1f} ms, glufx {1e3 * d['glufx']:.1f} ms, "
                           f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
+    if speed:
+        _speed_table(tr, speed)
     if rot:
         tr.write_line("")
         tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
@@ -79,3 +88,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{shape:>12} {M:>4} {th:>3} {cells}{ratio(best_fp):>14}{ratio(d.get('fbgemm_dynamic')):>11}"
                       f"{ratio(d.get('torchao_int8')):>11}{ratio(d.get('pt2e_x86')):>9}"
                       + (f"{100 * (d['glufx_rotated'] / g - 1):+13.1f}%" if g and "glufx_rotated" in d else f"{'-':>14}"))
+
+
+def _speed_table(tr, speed) -> None:
+    systems = ["fp32", "glufx_eager", "glufx_compiled", "llama_cpp_q8_0"]
+    tr.write_line("")
+    tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
+    tr.write_line("Gemma 3 270M, tokens/s (median of 5 rounds, every system in each round); ratios: glufx compiled / "
+                  "baseline (> 1: glufx faster)")
+    tr.write_line(f"{'case':>9} {'thr':>3} " + "".join(f"{s:>16}" for s in systems)
+                  + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}")
+    byte_counts, stream = speed.pop(("bytes", 0), {}), speed.pop(("stream", 0), {})
+    for (case, th), d in sorted(speed.items(), key=lambda kv: (["pp512", "tg32", "tg32@512"].index(kv[0][0]), kv[0][1])):
+        g = d.get("glufx_compiled") if case != "pp512" else d.get("glufx_eager")  # prefill runs eager in generate()
+        ratio = lambda b: f"{g / d[b]:.2f}x" if g and d.get(b) else "-"  # noqa: E731
+        tr.write_line(f"{case:>9} {th:>3} " + "".join(f"{d[s]:16.1f}" if s in d else f"{'-':>16}" for s in systems)
+                      + f"{ratio('glufx_eager') if case != 'pp512' else '-':>10}{ratio('fp32'):>9}"
+                      f"{ratio('llama_cpp_q8_0'):>14}")
+    tr.write_line("(pp512: glufx eager, which is what generate() runs for a prompt; the compiled step is decode's)")
+    if byte_counts:
+        tr.write_line("decode as effective bandwidth: weight bytes per token x tokens/s (tg32), GB/s; "
+                      + ", ".join(f"streaming read {th} thread(s) {gbs:.1f}" for th, gbs in sorted(stream.items())))
+        for th in sorted({t for (c, t) in speed if c == "tg32"}):
+            d = speed[("tg32", th)]
+            tr.write_line(f"  {th} thread(s): " + ", ".join(
+                f"{s} {byte_counts[s] / 1e6:.0f} MB x {d[s]:.1f}/s = {byte_counts[s] * d[s] / 1e9:.1f}"
+                for s in systems if s in d and byte_counts.get(s)))

@@ -220,6 +220,11 @@ def cmd_bench(args) -> int:
         rows.append(("FP32", bench_generation(fp_model, args.prompt_len, args.new_tokens, args.repeats)))
         del fp_model
     rows.append(("glufx", bench_generation(qmodel, args.prompt_len, args.new_tokens, args.repeats)))
+    if args.compiled:
+        from .deploy.decode import compile_decode
+
+        rows.append(("glufx compiled decode", bench_generation(compile_decode(qmodel), args.prompt_len,
+                                                               args.new_tokens, args.repeats)))
     base = rows[0][1]
     print(f"{torch.get_num_threads()} threads; medians of {args.repeats}")
     print(f"| model | prefill {args.prompt_len} tok/s | decode {args.new_tokens} tok/s | prefill vs {rows[0][0]} | decode vs {rows[0][0]} |")
@@ -286,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--compiled", action="store_true",
+                   help="also decode with glufx.compile_decode (static cache, compiled step; compiling takes a minute)")
     b.set_defaults(fn=cmd_bench)
     return ap
 

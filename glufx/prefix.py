@@ -88,10 +88,13 @@ class PrefixedLM(nn.Module):
         return PrefixKV(self.prefix_ids.tolist(), [getattr(self, f"prefix_k{i}") for i in range(self.n_layers)],
                         [getattr(self, f"prefix_v{i}") for i in range(self.n_layers)])
 
-    def prefix_cache(self, batch: int):
-        from transformers import DynamicCache
+    def prefix_cache(self, batch: int, max_cache_len: Optional[int] = None):
+        """A new cache holding the prefix: dynamic, or static with room for `max_cache_len` positions
+        (the prefix included) for a compiled decode step (deploy/decode.py)."""
+        from transformers import DynamicCache, StaticCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = (DynamicCache(config=self.model.config) if max_cache_len is None
+                 else StaticCache(config=self.model.config, max_cache_len=max_cache_len))
         for i in range(self.n_layers):
             k, v = getattr(self, f"prefix_k{i}"), getattr(self, f"prefix_v{i}")
             # expand() makes views; the cache concatenates into new tensors, so the buffers stay intact
@@ -143,13 +146,42 @@ class PrefixedLM(nn.Module):
         B, T = input_ids.shape
         full = torch.cat([self.prefix_ids.to(input_ids.device).expand(B, -1), input_ids], dim=1)
         mask = self._with_prefix_mask(attention_mask, B, T, input_ids.device)
-        out = self.model.generate(full, attention_mask=mask, cache=self.prefix_cache(B), **kwargs)
+        static_length = self._static_length(T, kwargs)
+        # transformers refuses a cache object beside `cache_implementation`, and merges the model's own setting
+        # into a config passed in: the prefix cache is the static cache, so the setting is off for this call
+        config = self.model.generation_config
+        implementation = config.cache_implementation
+        try:
+            if static_length is not None:
+                config.cache_implementation = None
+            out = self.model.generate(full, attention_mask=mask, cache=self.prefix_cache(B, static_length), **kwargs)
+        finally:
+            config.cache_implementation = implementation
         sequences = out.sequences if hasattr(out, "sequences") else out
         sequences = sequences[:, self.prefix_length:]
         if hasattr(out, "sequences"):
             out.sequences = sequences
             return out
         return sequences
+
+    def _static_length(self, prompt_length: int, kwargs: dict) -> Optional[int]:
+        """The static cache size a compiled decode needs (None: a dynamic cache will do). transformers sizes its
+        own static caches from the generation length; the prefix cache is built here, so it is sized here."""
+        import copy
+
+        config = kwargs.get("generation_config") or self.model.generation_config
+        implementation = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
+        if implementation != "static":
+            return None
+        if "generation_config" in kwargs:  # the caller's config, copied with the setting off (see generate)
+            kwargs["generation_config"] = copy.deepcopy(config)
+            kwargs["generation_config"].cache_implementation = None
+        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if new_tokens is None:
+            new_tokens = kwargs.get("max_length", config.max_length) - prompt_length
+        from .deploy.decode import static_cache_length
+
+        return static_cache_length(self.model, self.prefix_length + prompt_length + new_tokens)
 
     def __getattr__(self, name):
         try:

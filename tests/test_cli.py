@@ -48,9 +48,10 @@ def test_quantize_eval_report_bench(workdir, capsys):
     report = (workdir / "q" / "report.md").read_text()
     assert "## Evaluation" in report and "spike_heatmap.png" in report
 
-    assert main(["bench", str(workdir / "q"), "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1"]) == 0
+    assert main(["bench", str(workdir / "q"), "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1",
+                 "--compiled"]) == 0
     out = capsys.readouterr().out
-    assert "| FP32 |" in out and "| glufx |" in out
+    assert "| FP32 |" in out and "| glufx |" in out and "| glufx compiled decode |" in out
 
 
 def _has_lm_eval():

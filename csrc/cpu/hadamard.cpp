@@ -61,26 +61,6 @@ __attribute__((target("avx2"))) void fwht_block_avx2(const float* src, const flo
       }
 }
 
-// x[k] *= s over the first K - K % 8 values, and their max |x| (finite &= each is finite) in the same
-// pass: the per-token scale's reduction costs no extra read. Returns how many it covered.
-__attribute__((target("avx2"))) int64_t scale_absmax_avx2(float* x, int64_t K, float s, float& amax, bool& finite) {
-  const __m256 vs = _mm256_set1_ps(s), sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.402823466e38f);
-  __m256 a = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + k), vs);
-    _mm256_storeu_ps(x + k, y);
-    const __m256 m = _mm256_andnot_ps(sign, y);
-    ok = _mm256_and_ps(ok, _mm256_cmp_ps(m, big, _CMP_LE_OQ));  // false for NaN and Inf
-    a = _mm256_max_ps(a, m);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, a);
-  for (float l : lanes) amax = std::max(amax, l);
-  finite &= _mm256_movemask_ps(ok) == 0xFF;
-  return k;
-}
-
 // A block of 16 * NV floats (16 to 128) wholly in zmm registers: signs, every butterfly stage, 1/sqrt(b)
 // and the absmax in one load and one store per value. Within a register the stages h = 1, 2, 4, 8 pair
 // lanes by permutes (upper lane of a pair: partner - self = a - c); h >= 16 pairs whole registers.

@@ -125,16 +125,23 @@ void check_float(const at::Tensor& x, const char* op) {
 }
 
 #ifdef GLUFX_X86
-// max |x[k]| over the first K - K % 8 values into amax, finite &= every one of them is finite;
-// returns how many it covered. max is exact, so any order gives the scalar loop's result.
-__attribute__((target("avx2"))) int64_t absmax_avx2(const float* x, int64_t K, float& amax, bool& finite) {
-  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.402823466e38f);
+// max |x[k]| over the first K - K % 8 values into amax, finite &= every one of them is finite; with kScale,
+// x[k] *= s first, in place, in the same pass (the rotation's 1/sqrt(b): its per-token scale's reduction
+// costs no extra read). Returns how many it covered. max is exact, so any order gives the scalar loop's result.
+template <bool kScale>
+__attribute__((target("avx2"))) int64_t absmax_avx2(float* x, int64_t K, float s, float& amax, bool& finite) {
+  const __m256 vs = _mm256_set1_ps(s), sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.402823466e38f);
   __m256 a = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
-    ok = _mm256_and_ps(ok, _mm256_cmp_ps(v, big, _CMP_LE_OQ));  // false for NaN and Inf
-    a = _mm256_max_ps(a, v);
+    __m256 y = _mm256_loadu_ps(x + k);
+    if (kScale) {
+      y = _mm256_mul_ps(y, vs);
+      _mm256_storeu_ps(x + k, y);
+    }
+    const __m256 m = _mm256_andnot_ps(sign, y);
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(m, big, _CMP_LE_OQ));  // false for NaN and Inf
+    a = _mm256_max_ps(a, m);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, a);
@@ -142,12 +149,16 @@ __attribute__((target("avx2"))) int64_t absmax_avx2(const float* x, int64_t K, f
   finite &= _mm256_movemask_ps(ok) == 0xFF;
   return k;
 }
+
+int64_t scale_absmax_avx2(float* x, int64_t K, float s, float& amax, bool& finite) {
+  return absmax_avx2<true>(x, K, s, amax, finite);
+}
 #endif
 
 void row_absmax(const float* row, int64_t K, float& amax, bool& finite) {
   int64_t k = 0;
 #ifdef GLUFX_X86
-  if (cpu_has_avx2()) k = absmax_avx2(row, K, amax, finite);
+  if (cpu_has_avx2()) k = absmax_avx2<false>(const_cast<float*>(row), K, 1.f, amax, finite);  // reads only
 #endif
   for (; k < K; ++k) {
     const float v = std::fabs(row[k]);

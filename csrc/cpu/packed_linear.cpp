@@ -182,6 +182,31 @@ GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb, bool two)
   }
 }
 
+// One row against one 16-channel block. At one row the GEMM is a stream through the weight: the tiles'
+// two blocks side by side (10 KiB apart at K = 640) are two streams, and one core's prefetchers kept 12 GB/s
+// on those against 18 GB/s on the blocks read one after another (a Gemma-sized lm_head, this Zen 4).
+__attribute__((noinline)) GLUFX_VNNI void dot_vnni_row(const uint8_t* a, const int8_t* w, int64_t kq_n, int32_t* acc) {
+  __m512i c = _mm512_setzero_si512(), s = c;
+  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t kq = 0; kq < kq_n; ++kq) {
+    const __m512i b = _mm512_loadu_si512(w + kq * kNR * kKQ);
+    int32_t quad;
+    std::memcpy(&quad, a + kq * kKQ, sizeof(quad));
+    dpbusd(s, k128, b);
+    dpbusd(c, _mm512_set1_epi32(quad), b);
+  }
+  _mm512_storeu_si512(acc, _mm512_sub_epi32(c, s));
+}
+
+GLUFX_VNNI void row_vnni(const PackedArgs& p, int64_t m, int64_t nb) {
+  alignas(64) int32_t acc[kNR];
+  dot_vnni_row(static_cast<const uint8_t*>(p.A) + m * p.Kp, p.W + nb * (p.Kp / kKQ) * kNR * kKQ, p.Kp / kKQ, acc);
+  int64_t n;
+  float* y = block_out(p, m, nb, n);
+  const int64_t n0 = nb * kNR;
+  store16(_mm512_load_si512(acc), p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, n);
+}
+
 GLUFX_VNNI void rows_vnni(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, bool two) {
   int64_t m = m0;
   // 12-row tiles (24 accumulators + 6 operands fill the 32 zmm registers), 8 rows where a 12 would
@@ -301,7 +326,9 @@ std::string set_cpu_kernel(c10::string_view name) {
 void run_blocks(const PackedArgs& p, Path path, int64_t nb0, int64_t nb1) {
   if (path == Path::kGeneric) return rows_generic(p, 0, p.M, nb0, nb1);
 #ifdef GLUFX_X86
-  if (path == Path::kVnni) {
+  if (path == Path::kVnni && p.M == 1) {
+    for (int64_t nb = nb0; nb < nb1; ++nb) row_vnni(p, 0, nb);
+  } else if (path == Path::kVnni) {
     for (int64_t nb = nb0; nb < nb1; nb += 2) rows_vnni(p, 0, p.M, nb, nb + 1 < nb1);
   } else {
     for (int64_t nb = nb0; nb < nb1; ++nb) rows_avx2(p, 0, p.M, nb);
@@ -371,9 +398,11 @@ void packed_gemm(const at::Tensor& x2d, int64_t rows_per_sequence, const at::Ten
                   b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<float>(),
                   out2 ? out2->data_ptr<float>() : nullptr, M, N, Kp};
   if (M > 0 && N > 0) {
-    // Threads split output-channel blocks (pairs of 16): each streams its own slice of the weight.
+    // Threads split output-channel blocks (pairs of 16): each streams its own slice of the weight. A
+    // slice of 128 KiB (at one row) is worth a thread: a decode step's q/k/v/o linears (0.2-0.7 MB
+    // here) ran on one core under a 1 MiB threshold while the other waited.
     const int64_t pairs = (NB + 1) / 2;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(Kp * std::min<int64_t>(M, 64), 1));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 12) / std::max<int64_t>(Kp * std::min<int64_t>(M, 64), 1));
     at::parallel_for(0, pairs, grain, [&](int64_t pb, int64_t pe) {
       run_blocks(args, path, pb * 2, std::min(NB, pe * 2));
     });
@@ -386,6 +415,7 @@ void packed_gemm(const at::Tensor& x2d, int64_t rows_per_sequence, const at::Ten
 struct Activations {
   at::Tensor x2d;
   int64_t rows_per_sequence;
+  int64_t granularity;  // the plan's, or per-token where that is the same scale (one row per group)
   at::Tensor signs;  // keeps the fused rotation's signs alive and contiguous
   RowRotation rot;
 };
@@ -393,7 +423,11 @@ struct Activations {
 Activations activations(const at::Tensor& x, int64_t granularity, const c10::optional<at::Tensor>& rot_signs,
                         int64_t rot_block) {
   auto [x2d, rows_per_sequence] = flatten_activations(x);
-  Activations a{x2d, rows_per_sequence, at::Tensor(), {}};
+  // A decode step's sequences are one row each: a per-sequence (or, at one row, per-tensor) scale is then
+  // the row's own, the same bits as per-token, which reduces and rotates inside the quantization loop.
+  if ((granularity == kPerSequence && rows_per_sequence == 1) || (granularity == kPerTensor && x2d.size(0) == 1))
+    granularity = kPerToken;
+  Activations a{x2d, rows_per_sequence, granularity, at::Tensor(), {}};
   if (rot_block == 0) return a;
   if (granularity == kPerToken || granularity == kStatic) {
     if (rot_signs.has_value()) a.signs = rot_signs->contiguous();
@@ -413,8 +447,8 @@ at::Tensor linear_on_packed(const at::Tensor& x, const at::Tensor& w_packed, con
   Activations a = activations(x, granularity, rot_signs, rot_block);
   at::Tensor out = at::empty({a.x2d.size(0), N}, a.x2d.options());
   at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  packed_gemm(a.x2d, a.rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, granularity, out, nullptr, op,
-              a.rot);
+  packed_gemm(a.x2d, a.rows_per_sequence, w_packed, w_scale.contiguous(), b32, x_scale, a.granularity, out, nullptr,
+              op, a.rot);
   return to_output(out, x, N);
 }
 
@@ -432,7 +466,7 @@ at::Tensor glu_on_packed(const at::Tensor& x, const at::Tensor& w_packed, const 
   Activations a = activations(x, granularity, rot_signs, rot_block);
   at::Tensor gate = at::empty({a.x2d.size(0), hidden}, a.x2d.options());
   at::Tensor up = at::empty_like(gate);
-  packed_gemm(a.x2d, a.rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, granularity, gate,
+  packed_gemm(a.x2d, a.rows_per_sequence, w_packed, w_scale.contiguous(), at::Tensor(), x_scale, a.granularity, gate,
               &up, op, a.rot);
   gate = to_output(gate, x, hidden);
   up = to_output(up, x, hidden);

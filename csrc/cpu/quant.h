@@ -47,6 +47,9 @@ inline at::Tensor to_output(const at::Tensor& out, const at::Tensor& x, int64_t 
 void check_float(const at::Tensor& x, const char* op);
 // max |row[k]| over k < K into amax; finite &= every value is finite (not NaN or Inf).
 void row_absmax(const float* row, int64_t K, float& amax, bool& finite);
+// AVX2 (call only where the CPU has it): x[k] *= s in place over the first K - K % 8 values and their max |x|
+// into amax (finite as above) in the same pass; returns how many it covered. row_absmax's reduction, scaling.
+int64_t scale_absmax_avx2(float* x, int64_t K, float s, float& amax, bool& finite);
 // Per-row activation scales [M] of x2d [M, K] (float32, contiguous) for a granularity.
 at::Tensor row_scales(const at::Tensor& x2d, int64_t rows_per_sequence, int64_t granularity,
                       const c10::optional<at::Tensor>& x_scale, const char* op);

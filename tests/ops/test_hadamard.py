@@ -88,6 +88,26 @@ def _fused_vs_rotating_first(x, wq, ws, xs, g, signs, block, dtype):
         assert torch.equal(glu, glu_first)
 
 
+@pytest.mark.parametrize("granularity,shape", [("per_sequence", (4, 1, 256)), ("per_tensor", (1, 256)),
+                                               ("per_sequence", (1, 256))])
+@pytest.mark.parametrize("block", [0, 128])
+def test_one_row_groups_take_the_per_token_path_with_the_same_bits(granularity, shape, block):
+    # a decode step quantizes one row per sequence: its per-sequence scale is the row's own, so the op runs the
+    # per-token loop (rotation fused); the result must be the reference's bits for the plan's granularity
+    g = GRANULARITIES[granularity]
+    x = torch.randn(*shape) * 3
+    x[..., 17] *= 40
+    signs = random_signs(256, 5) if block else None
+    wq, ws = ops.quantize_weight(torch.randn(48, 256))
+    for kernel in KERNELS:
+        with cpu_kernel(kernel):
+            out = ops.int8_linear(x, wq, ws, None, None, g, signs, block)
+            assert torch.equal(out, reference.int8_linear(x, wq, ws, None, None, g, signs, block))
+            assert torch.equal(out, ops.int8_linear(x, wq, ws, None, None, GRANULARITIES["per_token"], signs, block))
+            glu = ops.int8_glu(x, wq, ws, wq, ws, "silu", None, g, signs, block)
+            assert torch.equal(glu, reference.int8_glu(x, wq, ws, wq, ws, "silu", None, g, signs, block))
+
+
 def test_fused_rotation_names_a_nan_row():
     K = 64
     x = torch.randn(5, K)

@@ -1,0 +1,115 @@
+"""glufx.compile_decode: generate() on a compiled single-token step over a static cache."""
+import copy
+
+import pytest
+import torch
+
+import glufx
+from glufx.deploy import backend as glufx_backend
+
+from conftest import CFG, tiny_model
+
+
+def _generate(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+
+
+def _quantized(family, calib_ids, **cfg):
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None  # every generation runs its full length
+    plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG, **cfg))
+    return glufx.compile(model, plan=plan)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers in the static cache
+def test_compiled_step_equals_the_traced_step(family, calib_ids):
+    """Inductor in exact mode adds no float difference: every step's logits equal those of the same dynamo graph
+    run without Inductor. (Against eager with a dynamic cache they differ: transformers traces attention with an
+    explicit mask over the static cache; docs/deploy.md measures that on Gemma 3.)"""
+    model = _quantized(family, calib_ids)
+    ids = calib_ids[:1, :7]
+    torch._dynamo.reset()
+    traced = glufx.compile_decode(copy.deepcopy(model))
+    traced.generation_config.compile_config.options = {"inductor": False}
+    ref = _generate(traced, ids, 10)
+    torch._dynamo.reset()
+    before = glufx_backend.counters["graphs"]
+    out = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 10)
+    assert glufx_backend.counters["graphs"] > before  # the step did go through the backend
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.equal(a, b)
+
+
+def test_compiled_decode_stays_close_to_eager(calib_ids):
+    """The static cache's attention arithmetic is another valid float order: logits stay within INT8 noise."""
+    model = _quantized("llama", calib_ids)
+    ids = calib_ids[:1, :7]
+    eager = _generate(model, ids, 2)
+    torch._dynamo.reset()
+    compiled = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 2)
+    assert torch.equal(eager.logits[0], compiled.logits[0])  # the prefill is eager in both: the same first token
+    e, c = eager.logits[1], compiled.logits[1]  # the compiled step, on the same inputs
+    assert (e - c).abs().max() <= 0.05 * e.abs().max()
+
+
+def test_no_recompile_per_position_or_call(calib_ids):
+    model = glufx.compile_decode(_quantized("gemma3", calib_ids), max_cache_len=64)
+    torch._dynamo.reset()
+    before = glufx_backend.counters["graphs"]
+    _generate(model, calib_ids[:1, :7], 12)
+    first = glufx_backend.counters["graphs"] - before
+    # the first step specialises the position, the second makes it dynamic, and a sliding window that fills
+    # (16 positions here) takes its other branch once: at most three graphs, for any length
+    assert 1 <= first <= 3
+    _generate(model, calib_ids[1:2, :9], 30)  # another prompt length, more tokens: the same cache shape
+    assert glufx_backend.counters["graphs"] - before == first
+
+
+def test_qfep_prefix_in_the_static_cache(calib_ids):
+    """A QFeP model decodes from a static cache that starts with the prefix's FP keys and values."""
+    model = _quantized("llama", calib_ids, qfep="paper")
+    assert model.glufx_plan.qfep
+    ids = calib_ids[:1, 1:8]  # no BOS: it is inside the prefix
+    torch._dynamo.reset()
+    traced = glufx.compile_decode(copy.deepcopy(model))
+    glufx.deploy.decode.language_model(traced).generation_config.compile_config.options = {"inductor": False}
+    ref = _generate(traced, ids, 6)
+    torch._dynamo.reset()
+    out = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 6)
+    assert out.sequences.shape == (1, 7 + 6)  # the user's tokens and the new ones, not the prefix
+    assert torch.equal(out.sequences, ref.sequences)
+    # the prefix is really there: the first new token's logits equal eager glufx's (the same eager prefill)
+    assert torch.equal(out.logits[0], _generate(model, ids, 1).logits[0])
+
+
+def test_floating_point_model_takes_inductor(calib_ids):
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    glufx.compile_decode(model)
+    assert model.generation_config.compile_config.backend == "inductor"
+    with pytest.raises(ValueError, match="backend='inductor'"):
+        glufx.compile_decode(tiny_model("llama"), backend="glufx")
+
+
+def test_bad_arguments_are_named(calib_ids):
+    with pytest.raises(TypeError, match="not a transformers causal LM"):
+        glufx.compile_decode(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        glufx.compile_decode(tiny_model("llama"), max_cache_len=1)
+    with pytest.raises(ValueError, match="backend must be"):
+        glufx.compile_decode(tiny_model("llama"), backend="eager")
+
+
+def test_skipping_module_guards_changes_no_output(calib_ids):
+    model = _quantized("llama", calib_ids)
+    ids = calib_ids[:1, :7]
+    torch._dynamo.reset()
+    guarded = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 6)
+    torch._dynamo.reset()
+    unguarded = glufx.compile_decode(copy.deepcopy(model), skip_module_guards=True)
+    out = _generate(unguarded, ids, 6)
+    assert torch.equal(out.sequences, guarded.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, guarded.logits))
