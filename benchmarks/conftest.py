@@ -29,15 +29,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if session is None or not session.benchmarks:
         return
     med, other, rot, speed = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    weight_bytes, stream = {}, {}  # bench_decode.py: bytes per token per system, read bandwidth per thread count
     for bench in session.benchmarks:
         if not bench.stats.data:  # a test that failed before timing anything
             continue
         p, median = bench.params, bench.stats.median
         if "tokens_per_s" in bench.extra_info:
             speed[(p["case"], p["threads"])].update(bench.extra_info["tokens_per_s"])
-            speed[("bytes", 0)].update(bench.extra_info["weight_bytes"])
+            weight_bytes.update(bench.extra_info["weight_bytes"])
         elif "bandwidth_gbs" in bench.extra_info:
-            speed[("stream", 0)][bench.extra_info["threads"]] = bench.extra_info["bandwidth_gbs"]
+            stream[bench.extra_info["threads"]] = bench.extra_info["bandwidth_gbs"]
         elif "variant" in p:
             rot[(p["shape"], p["M"], p["threads"])][p["variant"]] = median
             if "paired_cost" in bench.extra_info:
@@ -52,7 +53,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"{group}: FP32 {1e3 * d['fp32']:.1f} ms, glufx {1e3 * d['glufx']:.1f} ms, "
                           f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
     if speed:
-        _speed_table(tr, speed)
+        _speed_table(tr, speed, weight_bytes, stream)
     if rot:
         tr.write_line("")
         tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
@@ -90,7 +91,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       + (f"{100 * (d['glufx_rotated'] / g - 1):+13.1f}%" if g and "glufx_rotated" in d else f"{'-':>14}"))
 
 
-def _speed_table(tr, speed) -> None:
+def _speed_table(tr, speed, byte_counts, stream) -> None:
     systems = ["fp32", "glufx_eager", "glufx_compiled", "llama_cpp_q8_0"]
     tr.write_line("")
     tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
@@ -98,7 +99,6 @@ def _speed_table(tr, speed) -> None:
                   "baseline (> 1: glufx faster)")
     tr.write_line(f"{'case':>9} {'thr':>3} " + "".join(f"{s:>16}" for s in systems)
                   + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}")
-    byte_counts, stream = speed.pop(("bytes", 0), {}), speed.pop(("stream", 0), {})
     for (case, th), d in sorted(speed.items(), key=lambda kv: (["pp512", "tg32", "tg32@512"].index(kv[0][0]), kv[0][1])):
         g = d.get("glufx_compiled") if case != "pp512" else d.get("glufx_eager")  # prefill runs eager in generate()
         ratio = lambda b: f"{g / d[b]:.2f}x" if g and d.get(b) else "-"  # noqa: E731

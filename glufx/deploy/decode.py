@@ -11,8 +11,11 @@ dispatcher work and fuses the elementwise arithmetic around glufx's ops.
 How: transformers' `generate()` already compiles its decode forward when the cache is static and the
 model's `generation_config.compile_config` says so; on CPU it must be told (`_compile_all_devices`).
 The step goes through glufx's own torch.compile backend: in `exact` mode Inductor keeps eager's float
-math (deploy/inductor.py), so greedy outputs equal eager glufx's token for token; `exact=False` lets
-Inductor generate every float op (faster norms, another valid W8A8 result). A floating-point model
+math (deploy/inductor.py), so each step's logits equal the traced graph's bit for bit; `exact=False` lets
+Inductor generate every float op (faster norms, another valid W8A8 result). The traced step is not eager's
+step, though: under tracing transformers attends with an explicit mask over the whole static cache, so
+float sums run in another order and INT8 codes can flip (docs/decode.md measures it; on Gemma 3 270M greedy
+tokens matched eager glufx's for 32 of 32, which is not guaranteed). A floating-point model
 takes plain Inductor. Positions are not specialised: transformers keeps a sliding-window layer's length
 as a Python int, which the first decode step specialises and the second makes dynamic; a window that
 fills takes its other branch once more. So a generation compiles two or three graphs, and later positions
