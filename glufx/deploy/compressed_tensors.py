@@ -8,13 +8,17 @@ The mapping is one to one where the format has a place for what the plan says (d
                                           (weights: int, 8 bits, symmetric, strategy "channel")
   per_token activations                   input_activations: strategy "token", dynamic
   static activations, x_scale             input_activations: strategy "tensor", static; `input_scale` [1]
-  kept in FP (QFeM, head, router)         `ignore`, with the module's floating-point weight
+  kept in FP (QFeM, head, router,         `ignore`, with the module's floating-point weight
+  MoE expert banks)
   equivalence transforms, offline v->o    already in the weights: nothing to say
   rotation
 
 glufx's own INT8 values and scales are written as they are (nothing is re-rounded), so the engine multiplies
-exactly the integers glufx multiplies. What the format cannot carry is refused, each refusal naming the
-nearest exportable choice:
+exactly the integers glufx multiplies. Tensor and module names are the checkpoint's, not the model's in memory:
+transformers 5 fuses some weights on load (a MoE's experts become one 3-D bank per projection) and writes them
+back unfused on save; the export applies the same reverse mapping (`revert_weight_conversion`), so engines,
+which read the unfused layout (`experts.{e}.w1`, ...), find every tensor, and `ignore` names what they look up.
+What the format cannot carry is refused, each refusal naming the nearest exportable choice:
 
 * per_sequence / per_tensor dynamic activations (no such strategy there): per_token or static;
 * an online input rotation (an op at run time the format has no place for): GlufxConfig(rotation="off");
@@ -125,11 +129,9 @@ def check_exportable(model: nn.Module, plan: Plan, drop_prefix: bool = False) ->
         raise ExportError(f"glufx: cannot export to {FORMAT}:\n  - {shown}")
 
 
-def quantization_config(plan: Plan, linears: dict[str, dict], ignore: list[str]) -> dict:
-    """config.json's quantization_config: one config group per activation granularity the plan uses."""
-    by_gran: dict[str, list[str]] = {}
-    for fqn in linears:
-        by_gran.setdefault(linears[fqn]["granularity"], []).append(fqn)
+def quantization_config(by_gran: dict[str, list[str]], ignore: list[str]) -> dict:
+    """config.json's quantization_config: one config group per activation granularity ({granularity: the
+    checkpoint names of its INT8 linears}); `ignore` names every linear kept in floating point."""
     groups = {}
     for i, (gran, fqns) in enumerate(sorted(by_gran.items())):
         # one granularity: every Linear not ignored (what llm-compressor writes); several: their module names
@@ -142,6 +144,21 @@ def quantization_config(plan: Plan, linears: dict[str, dict], ignore: list[str])
     return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None,
             "global_compression_ratio": None, "version": COMPRESSED_TENSORS_VERSION}
+
+
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (named as in `model`) under the names `model.save_pretrained` writes: transformers' reverse of its
+    load-time conversions (unfused expert banks, legacy prefixes). Identity where the model has none."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without load-time conversions saves what it holds
+        return tensors
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def _module_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The checkpoint's module names for these weights (`....experts.3.w1` for one slice of an expert bank)."""
+    return sorted({k.rsplit(".", 1)[0] for k in checkpoint_names(model, tensors)})
 
 
 def export_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None, *, drop_prefix: bool = False) -> Path:
@@ -174,7 +191,18 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None
             continue
         seen.add(ident)
         tensors[key] = t
-    ignore = sorted(name for name, mod in inner.named_modules() if isinstance(mod, nn.Linear))
+    # kept in floating point: every nn.Linear left (QFeM, head), and what the plan keeps FP whatever its module
+    # class (a router; an expert bank, whose 3-D parameter the checkpoint holds as one linear per expert)
+    fp_weights = {f"{name}.weight": mod.weight for name, mod in inner.named_modules() if isinstance(mod, nn.Linear)}
+    for fqn, mp in plan.modules.items():
+        if mp.action != "int8":
+            fp_weights[fqn if mp.kind != "linear" else f"{fqn}.weight"] = (
+                inner.get_parameter(fqn) if mp.kind != "linear" else inner.get_submodule(fqn).weight)
+    ignore = _module_names(inner, fp_weights)
+    by_gran: dict[str, list[str]] = {}
+    for fqn, q in linears.items():
+        by_gran.setdefault(q["granularity"], []).extend(_module_names(inner, {f"{fqn}.weight": q["w_q"]}))
+    tensors = checkpoint_names(inner, tensors)
 
     path = Path(path)
     stray = sorted(p.name for p in path.glob("*.safetensors*") if p.name != WEIGHTS_FILE) if path.is_dir() else []
@@ -185,7 +213,7 @@ def export_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None
     config = inner.config.to_dict()
     # what save_pretrained records and engines pick their model class by (a model built from_config lacks it)
     config["architectures"] = [type(inner).__name__]
-    config["quantization_config"] = quantization_config(plan, linears, ignore)
+    config["quantization_config"] = quantization_config(by_gran, ignore)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(inner, "generation_config", None) is not None:
         inner.generation_config.save_pretrained(path)

@@ -76,6 +76,66 @@ def test_transformers_compressed_tensors_loader_runs_the_export(static_model, ca
     assert sqnr(ref, out) > 30
 
 
+@pytest.fixture(scope="module")
+def moe_export(calib, tmp_path_factory):
+    model = glufx.compile(tiny_model("mixtral"), calib, glufx.GlufxConfig(**EXPORTABLE, granularity="per_token"))
+    return model, export_compressed_tensors(model, tmp_path_factory.mktemp("moe") / "ct")
+
+
+def test_moe_export_uses_checkpoint_names_and_ignores_fp_experts(moe_export, tmp_path):
+    """transformers 5 holds a MoE's experts as fused 3-D banks but saves (and engines read) one linear per expert:
+    the export writes that layout, and `ignore` names every expert linear and router it keeps in floating point,
+    else an engine builds INT8 expert kernels for floating-point weights (vLLM then finds no INT8 MoE backend)."""
+    from transformers import AutoModelForCausalLM
+
+    model, d = moe_export
+    plan = model.glufx_plan
+    banks = [f for f, m in plan.modules.items() if m.kind == "experts"]
+    assert banks and all(plan.modules[f].action == "fp" for f in banks)
+    tensors = load_file(d / "model.safetensors")
+    config = json.loads((d / "config.json").read_text())
+    ignore = set(config["quantization_config"]["ignore"])
+    reference = tmp_path / "hf"
+    tiny_model("mixtral").save_pretrained(reference)  # the names transformers itself writes for this model
+    hf_keys = set(load_file(reference / "model.safetensors"))
+    expert_linears = {k[:-len(".weight")] for k in hf_keys if ".experts." in k}
+    assert len(expert_linears) == 3 * model.config.num_local_experts * model.config.num_hidden_layers
+    routers = {k[:-len(".weight")] for k in hf_keys if k.endswith("moe.gate.weight")}
+    assert len(routers) == model.config.num_hidden_layers
+    qfem = {f for f, m in plan.modules.items() if m.kind == "linear" and m.role == "other" and m.action == "fp"}
+    # checkpoint names, not the names in memory
+    assert ignore == expert_linears | routers | qfem | {"lm_head"}
+    assert {k for k in tensors if not k.endswith("_scale")} == hf_keys
+    for fqn in plan.quantized():
+        assert tensors[f"{fqn}.weight"].dtype == torch.int8
+    # the floating-point experts come back bit for bit through transformers' own load-time conversion
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    fp_only = {k: v for k, v in tensors.items() if v.is_floating_point() and not k.endswith("_scale")}
+    from safetensors.torch import save_file
+    save_file(fp_only, str(plain / "model.safetensors"))
+    config.pop("quantization_config")
+    (plain / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(plain)
+    for f in banks:
+        assert torch.equal(hf.get_parameter(f), model.get_parameter(f))
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=False,
+                   reason="transformers 5.24's compressed-tensors loader cannot fuse unquantized expert linears "
+                          "into its 3-D banks ('Concatenate ... Ckpt contains: 0'); vLLM loads the same directory "
+                          "(tests/deploy/test_vllm.py)")
+def test_transformers_compressed_tensors_loader_runs_a_moe_export(moe_export, calib):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, d = moe_export
+    hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    x = calib[:4, 1:30]
+    with torch.no_grad():
+        assert sqnr(model(input_ids=x).logits, hf(input_ids=x).logits) > 30
+
+
 def test_mixed_granularities_target_module_names(calib, tmp_path):
     model = glufx.compile(tiny_model("llama"), calib, glufx.GlufxConfig(**EXPORTABLE, granularity="static"))
     # one sibling group per-token: an engine reads a config group per scheme, targeting module names

@@ -11,6 +11,10 @@ Tolerance, from what the two engines do differently with the same integers:
   mean 3.6e-3 to 5.5e-3, one token at 0.69 where layer 0's down_proj has a grid set by a spike 4,000x the
   median (one step there is most of an ordinary token's value). Bound: mean <= 0.02; greedy continuations
   equal on all prompts but one.
+* a MoE (tiny Mixtral; glufx keeps experts FP): vLLM's fused MoE kernel sums the FP experts in its own order
+  (differences of 1e-7), and where that moves a value across a rounding boundary the next layer's per-token
+  quantizer picks the neighbouring code. Measured per-token: max |delta log p| 1.6e-3 on one token, mean 5e-5,
+  greedy 6/6. Bound: mean <= 1e-3, max <= 2e-2 (a few code flips, not a different model).
 Two W8A8 implementations that do not share glufx's integers (torchao's kernels on the same plan) differ by far
 more: 12 dB logit SQNR (tests/deploy/test_torchao_interop.py).
 """
@@ -26,6 +30,7 @@ from conftest import TINY
 pytestmark = pytest.mark.vllm
 
 MAX_ABS_LOGPROB_PER_TOKEN, MEAN_ABS_LOGPROB_STATIC = 1e-4, 0.02
+MEAN_ABS_LOGPROB_MOE, MAX_ABS_LOGPROB_MOE = 1e-3, 2e-2
 
 
 def engine_sized(family: str):
@@ -36,8 +41,13 @@ def engine_sized(family: str):
     shape = {**TINY, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
     config = {"llama": lambda: tf.LlamaConfig(**shape),
               "gemma3": lambda: tf.Gemma3TextConfig(**shape, head_dim=64, sliding_window=16,
-                                                    layer_types=["sliding_attention", "full_attention"])}[family]()
+                                                    layer_types=["sliding_attention", "full_attention"]),
+              # experts stay FP (glufx has no INT8 expert kernel); the export must say so in the engine's names
+              "mixtral": lambda: tf.MixtralConfig(**shape, head_dim=64, num_local_experts=4,
+                                                  num_experts_per_tok=2)}[family]()
     model = tf.AutoModelForCausalLM.from_config(config).eval()
+    if family == "mixtral":
+        return model
     with torch.no_grad():  # a channel outlier on every token and a spike token, as real GLU models have
         mlp = model.model.layers[0].mlp
         mlp.up_proj.weight[3] *= 30
@@ -59,7 +69,7 @@ def glufx_reference(model, prompts, max_tokens):
     return greedy, logprobs
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral"])
 @pytest.mark.parametrize("granularity", ["static", "per_token"])
 def test_vllm_runs_the_export_as_glufx_does(family, granularity, tmp_path):
     g = torch.Generator().manual_seed(0)
@@ -77,7 +87,9 @@ def test_vllm_runs_the_export_as_glufx_does(family, granularity, tmp_path):
     diffs = torch.cat([torch.tensor(a) - torch.tensor(b) for a, b in zip(got["prompt_logprobs"], logprobs)]).abs()
     print(f"\n{family} {granularity}: vLLM vs glufx max |d log p| {diffs.max():.2e}, mean {diffs.mean():.2e}; "
           f"greedy equal {sum(a == b for a, b in zip(got['greedy'], greedy))}/{len(prompts)}")
-    if granularity == "per_token":
+    if granularity == "per_token" and family == "mixtral":
+        assert diffs.mean() <= MEAN_ABS_LOGPROB_MOE and diffs.max() <= MAX_ABS_LOGPROB_MOE
+    elif granularity == "per_token":
         assert diffs.max() <= MAX_ABS_LOGPROB_PER_TOKEN
     else:
         assert diffs.mean() <= MEAN_ABS_LOGPROB_STATIC
