@@ -14,13 +14,13 @@ from .nn import Int8GLU, Int8Linear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
 from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate,
-                     Stage, Transform)
+                     RoundWeights, Stage, Transform)
 from .stats import Statistics
 
 __all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "lower", "counters",
            "check_model", "NoGLUError", "CalibrationError", "PlanMismatchError", "prefixed", "compile_decode", "export", "aoti_package",
            "save", "load", "save_pretrained", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
-           "DecideScales", "DecideQFeM", "DecideTarget", "Rotate", "Statistics"]
+           "DecideScales", "DecideQFeM", "DecideTarget", "Rotate", "RoundWeights", "Statistics"]
 __version__ = "0.2.0"
 
 # The one registration at import: transformers has no plugin discovery for quantizers, and the promise is that

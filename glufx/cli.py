@@ -95,6 +95,8 @@ def cmd_quantize(args) -> int:
         options["qfem"] = args.qfem
     if args.rotation is not None:
         options["rotation"] = args.rotation
+    if args.weights is not None:
+        options["weights"] = args.weights
     try:
         config = glufx.GlufxConfig(**options)
     except ValueError as e:
@@ -253,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--qfem", default=None, choices=["auto", "alpha", "budget", "off"], help="which linears keep FP")
     q.add_argument("--rotation", default=None, choices=["hadamard", "off"],
                    help="online input rotation for dynamic scales (default hadamard; compressed-tensors needs off)")
+    q.add_argument("--weights", default=None, choices=["rtn", "gptq"],
+                   help="weight rounding: rtn (round to nearest, default) or gptq (error-compensating, kept per module "
+                        "where it lowers held-out output error; not with --target)")
     q.add_argument("--format", default="glufx", choices=["glufx", "compressed-tensors"],
                    help="glufx: read by glufx.load and transformers' from_pretrained (default); compressed-tensors: "
                         "read by vLLM (docs/deploy.md)")

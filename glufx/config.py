@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .decide.weights import WEIGHT_METHODS
 from .ops.schema import GRANULARITIES
-from .recipe import (QFEM_MODES, QFEM_ORDERS, ROTATIONS, SCALE_METHODS, TARGET_METRICS, TRANSFORMS, DecideGranularity, DecideQFeM,
+from .recipe import (QFEM_MODES, QFEM_ORDERS, ROTATIONS, SCALE_METHODS, TARGET_METRICS, TRANSFORMS, DecideGranularity, DecideQFeM, RoundWeights,
                      DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate, Transform)
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
@@ -60,6 +61,9 @@ class GlufxConfig:
     # static scales: "clip_search" (the clipping that minimises the error of the linears' outputs) or
     # "absmax" (no clipping)
     scales: str = "clip_search"
+    # weight rounding: "rtn" (round to nearest) or "gptq" (error-compensating, from calibration second
+    # moments; kept per module where it lowers held-out output error). Not with target=
+    weights: str = "rtn"
     # a quality target instead of one granularity (glufx/decide/target.py): each sibling group takes the
     # cheapest of static -> per-token (rotated) -> FP that keeps the held-out target_metric within
     # `target` ("ppl": relative perplexity increase, 0.01 = +1 %; "kl": KL per token to the FP model).
@@ -84,6 +88,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.rotation={self.rotation!r}; choose one of {ROTATIONS}")
         if self.scales not in SCALE_METHODS:
             raise ValueError(f"GlufxConfig.scales={self.scales!r}; choose one of {SCALE_METHODS}")
+        if self.weights not in WEIGHT_METHODS:
+            raise ValueError(f"GlufxConfig.weights={self.weights!r}; choose one of {WEIGHT_METHODS}")
         if self.transform not in TRANSFORMS + ("auto",):
             raise ValueError(f"GlufxConfig.transform={self.transform!r}; choose one of {TRANSFORMS}")
         if self.target is not None:
@@ -94,6 +100,9 @@ class GlufxConfig:
             if self.granularity in ("per_token", "per_tensor"):
                 raise ValueError(f"GlufxConfig(target=...) chooses each module's granularity itself (static -> "
                                  f"per_token -> FP); granularity={self.granularity!r} would be ignored: drop it")
+            if self.weights != "rtn":
+                raise ValueError("GlufxConfig(target=...) rotates modules while it searches, after weights would be "
+                                 "rounded; use weights='rtn' with target=")
             if self.qfem not in ("auto",) or self.alpha is not None:
                 raise ValueError("GlufxConfig(target=...) decides which modules stay in FP itself (within "
                                  "max_fp_param_share); drop qfem= / alpha=")
@@ -129,8 +138,10 @@ class GlufxConfig:
         stages += [DecideGranularity(self.granularity)]
         if self.rotation != "off":
             stages.append(Rotate(self.rotation, max_block=self.rotation_block))
-        stages += [DecideScales(self.scales),
-                   DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
+        stages += [DecideScales(self.scales)]
+        if self.weights != "rtn":
+            stages.append(RoundWeights(self.weights))
+        stages += [DecideQFeM(mode=self.qfem, alpha=self.alpha, max_fp_param_share=self.max_fp_param_share,
                               tolerance=self.tolerance, max_search_steps=self.max_search_steps,
                               min_score=self.min_score, order=self.qfem_order)]
         return Recipe(stages)

@@ -91,7 +91,22 @@ def lower_weights(weight: torch.Tensor, bias: Optional[torch.Tensor], mp: Module
         block, signs = rotation or (0, None)
         return Int8Linear(weight.shape[1], weight.shape[0], bias is not None, mp.granularity, weight.dtype, block,
                           signs is not None)
-    return Int8Linear.from_float(weight, bias, mp.granularity, mp.x_scale, what=mp.fqn, rotation=rotation)
+    return Int8Linear.from_float(weight, bias, mp.granularity, mp.x_scale, what=mp.fqn, rotation=rotation,
+                                 codes=weight_codes(mp, tensors))
+
+
+def weight_codes(mp: ModulePlan, tensors: dict) -> Optional[torch.Tensor]:
+    """The plan's INT8 codes for this module's weight (GPTQ), or None for round-to-nearest."""
+    if not mp.weights:
+        return None
+    if mp.weights.get("method") != "gptq":
+        raise ValueError(f"glufx: unknown weight rounding {mp.weights.get('method')!r} for {mp.fqn} (written by a "
+                         "newer glufx?)")
+    key = mp.weights["codes"]
+    if key not in tensors:
+        raise ValueError(f"glufx: the plan's weight codes of {mp.fqn} ({key!r}) are missing; load the plan with its "
+                         ".safetensors sidecar")
+    return tensors[key]
 
 
 def _lower_module(mod: nn.Module, mp: ModulePlan, tensors: dict, skeleton: bool) -> Int8Linear:

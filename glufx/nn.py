@@ -62,8 +62,11 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], granularity: str,
                    x_scale: Optional[float] = None, what: str = "a linear",
-                   rotation: Optional[tuple[int, Optional[torch.Tensor]]] = None) -> "Int8Linear":
-        """`rotation`: (block, signs) of an online Hadamard rotation (glufx/rotate.py), folded into w_q."""
+                   rotation: Optional[tuple[int, Optional[torch.Tensor]]] = None,
+                   codes: Optional[torch.Tensor] = None) -> "Int8Linear":
+        """`rotation`: (block, signs) of an online Hadamard rotation (glufx/rotate.py), folded into w_q.
+        `codes`: the INT8 weight [N, K] on the per-channel grid of the (rotated) weight, from a rounding other
+        than round-to-nearest (glufx/decide/weights.py); the scales stay round-to-nearest's."""
         _check_weight(weight, what)
         xs = _static_scale(granularity, x_scale)
         block, signs = rotation or (0, None)
@@ -75,6 +78,11 @@ class Int8Linear(nn.Module):
             if signs is not None:
                 m.rot_signs = signs.detach().float().clone()
         m.w_q, m.w_scale = torch.ops.glufx.quantize_weight(weight.detach())
+        if codes is not None:
+            if codes.shape != m.w_q.shape or codes.dtype != torch.int8:
+                raise ValueError(f"glufx: the plan's weight codes for {what} are {codes.dtype} {tuple(codes.shape)}, "
+                                 f"the linear needs int8 {tuple(m.w_q.shape)} (a plan for another model?)")
+            m.w_q = codes.detach().clone()
         if bias is not None:
             m.bias = bias.detach().clone()
         if xs is not None:

@@ -34,6 +34,9 @@ class ModulePlan:
     kind: str = "linear"
     # online input rotation: {"kind": "hadamard", "block": b, "signs": sidecar key} (glufx/rotate.py)
     rotation: Optional[dict] = None
+    # weight rounding other than round-to-nearest: {"method": "gptq", "codes": sidecar key of the INT8 codes
+    # [N, K] of the (rotated) weight} (glufx/decide/weights.py); None = round to nearest
+    weights: Optional[dict] = None
     # stage name -> what it decided for this module and the measurement behind it, e.g.
     # {"qfem": {"kept_fp": True, "score": 11.1, "mode": "auto", "step": 1}, "scales": {"absmax": 2.3}}
     decisions: dict = field(default_factory=dict)

@@ -544,6 +544,46 @@ class DecideScales(Stage):
 
 
 @dataclass
+class RoundWeights(Stage):
+    """Which integer each INT8 weight takes (glufx/decide/weights.py): `gptq` rounds each module's (rotated)
+    weight column by column, moving the error onto the columns left by the inverse second moments of
+    `max_tokens` sampled calibration inputs (damped by `damp` of their mean), and keeps the result for
+    modules where it lowers the output error on held-out tokens; `rtn` rounds to nearest. It runs on the
+    final weights and rotations: after every Transform and Rotate, before the stages that run the quantized
+    model (QFeM)."""
+
+    method: str = "gptq"
+    max_tokens: int = 4096
+    damp: float = 0.01
+    block_size: int = 128
+    version: int = STAGE_VERSION
+    name: ClassVar[str] = "weights"
+    reads_stats: ClassVar[bool] = False
+
+    def __post_init__(self):
+        from .decide.weights import WEIGHT_METHODS
+
+        super().__post_init__()
+        self._choose("method", WEIGHT_METHODS)
+        if self.max_tokens < 2:
+            raise ValueError(f"RoundWeights.max_tokens must be >= 2 (half fit, half judge), got {self.max_tokens}")
+        if not 0.0 < self.damp < 1.0:
+            raise ValueError(f"RoundWeights.damp must lie in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"RoundWeights.block_size must be >= 1, got {self.block_size}")
+
+    def run(self, ctx: Context) -> dict:
+        from .decide.weights import codes_key, round_weights
+
+        if self.method == "rtn":
+            for f in ctx.targets():
+                ctx.plan.modules[f].weights = None
+                ctx.plan.tensors.pop(codes_key(f), None)
+            return {"linears": 0, "gptq_kept": 0}
+        return round_weights(ctx, self.max_tokens, self.damp, self.block_size)
+
+
+@dataclass
 class DecideQFeM(Stage):
     """Which linears keep FP activations (docs/method.md §3): `auto` walks score-sorted sibling groups
     measuring held-out KL to the FP model, `alpha` keeps score > alpha, `budget` the top scores up to
@@ -646,6 +686,18 @@ class Recipe:
         if "qfem" in order and "rotation" in order and order.index("rotation") > order.index("qfem"):
             raise ValueError("glufx: Rotate must come before DecideQFeM (QFeM's search runs the quantized model, "
                              "rotations included)")
+        if "weights" in order:
+            at = order.index("weights")
+            if "target" in order:
+                raise ValueError("glufx: RoundWeights cannot precede DecideTarget, which rotates modules after it "
+                                 "(the codes are for the weights as they are when it runs); drop one of them")
+            late = [n for n in order[at + 1:] if n in ("transform", "rotation")]
+            if late:
+                raise ValueError(f"glufx: RoundWeights must come after every Transform and Rotate (its codes are for "
+                                 f"the final weights); {late} follow it (stages: {order})")
+            if "qfem" in order and order.index("qfem") < at:
+                raise ValueError("glufx: RoundWeights must come before DecideQFeM (QFeM's search runs the quantized "
+                                 "model, its weights included)")
         if "qfem" in order and "scales" in order and order.index("scales") > order.index("qfem"):
             raise ValueError("glufx: DecideScales must come before DecideQFeM (QFeM's search runs the "
                              "quantized model, static scales included)")
