@@ -92,7 +92,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _speed_table(tr, speed, byte_counts, stream) -> None:
-    systems = ["fp32", "glufx_eager", "glufx_compiled", "llama_cpp_q8_0"]
+    systems = list(dict.fromkeys(s for d in speed.values() for s in d))  # as bench_decode.py measured them
     tr.write_line("")
     tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
     tr.write_line("Gemma 3 270M, tokens/s (median of 5 rounds, every system in each round); ratios: glufx compiled / "

@@ -131,90 +131,75 @@ GLUFX_VNNI inline void store16(__m512i acc, float sx, const float* sw, const flo
   dequantize_row(tmp, sx, sw, bias, out, n);
 }
 
-// acc[r][0..31] = sum over the kq_n k-quads of row r of A against channel blocks w0 and w1 (exact
-// int32). Nothing but the dot products, and not inlined: inlined into the tile's bookkeeping, GCC 12
-// keeps the accumulator arrays on the stack (a load and a store around every vpdpbusd).
-template <int MR>
+// acc[r][0..NB*16) = sum over the kq_n k-quads of row r of A against NB channel blocks (w0, and w1 when NB
+// is 2), exact int32. Nothing but the dot products, and not inlined: inlined into the tile's bookkeeping,
+// GCC 12 keeps the accumulator arrays on the stack (a load and a store around every vpdpbusd).
+template <int MR, int NB>
 __attribute__((noinline)) GLUFX_VNNI void dot_vnni(const uint8_t* A, int64_t lda, const int8_t* w0, const int8_t* w1, int64_t kq_n,
                          int32_t* acc) {
-  __m512i c0[MR], c1[MR];
+  static_assert(NB == 1 || NB == 2, "one or two 16-channel blocks");
+  __m512i c[NB][MR];
   GLUFX_UNROLL
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_si512();
-  __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+  for (int r = 0; r < MR; ++r) for (int j = 0; j < NB; ++j) c[j][r] = _mm512_setzero_si512();
+  __m512i s[NB];
+  for (int j = 0; j < NB; ++j) s[j] = _mm512_setzero_si512();
   const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* w[2] = {w0, w1};
   for (int64_t kq = 0; kq < kq_n; ++kq) {
-    const __m512i b0 = _mm512_loadu_si512(w0 + kq * kNR * kKQ);
-    const __m512i b1 = _mm512_loadu_si512(w1 + kq * kNR * kKQ);
-    dpbusd(s0, k128, b0);
-    dpbusd(s1, k128, b1);
+    __m512i b[NB];
+    GLUFX_UNROLL
+    for (int j = 0; j < NB; ++j) {
+      b[j] = _mm512_loadu_si512(w[j] + kq * kNR * kKQ);
+      dpbusd(s[j], k128, b[j]);
+    }
     GLUFX_UNROLL
     for (int r = 0; r < MR; ++r) {
       int32_t quad;
       std::memcpy(&quad, A + r * lda + kq * kKQ, sizeof(quad));
       const __m512i a = _mm512_set1_epi32(quad);
-      dpbusd(c0[r], a, b0);
-      dpbusd(c1[r], a, b1);
+      GLUFX_UNROLL
+      for (int j = 0; j < NB; ++j) dpbusd(c[j][r], a, b[j]);
     }
   }
   GLUFX_UNROLL
-  for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_si512(acc + r * 2 * kNR, _mm512_sub_epi32(c0[r], s0));
-    _mm512_storeu_si512(acc + r * 2 * kNR + kNR, _mm512_sub_epi32(c1[r], s1));
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_si512(acc + (r * NB + j) * kNR, _mm512_sub_epi32(c[j][r], s[j]));
 }
 
-// MR rows x 2 blocks (32 channels) over the whole K, dequantized straight into Y.
-template <int MR>
-GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb, bool two) {
+// MR rows x NB blocks (16 channels each) over the whole K, dequantized straight into Y. Two blocks share
+// each broadcast of A; at one row that sharing buys nothing and the second block is a second stream through
+// memory (10 KiB apart at K = 640): one core's prefetchers kept 12 GB/s on two streams against 18 GB/s on
+// blocks read one after another (a Gemma-sized lm_head, Zen 4), so one row takes one block at a time.
+template <int MR, int NB>
+GLUFX_VNNI void tile_vnni(const PackedArgs& p, int64_t m0, int64_t nb) {
   const int64_t block = (p.Kp / kKQ) * kNR * kKQ;
   const int8_t* w0 = p.W + nb * block;
-  alignas(64) int32_t acc[MR * 2 * kNR];
-  dot_vnni<MR>(static_cast<const uint8_t*>(p.A) + m0 * p.Kp, p.Kp, w0, two ? w0 + block : w0, p.Kp / kKQ, acc);
-  const int64_t n0 = nb * kNR;
-  for (int r = 0; r < MR; ++r) {
-    const float sx = p.sx[m0 + r];
-    int64_t n;
-    float* y = block_out(p, m0 + r, nb, n);
-    store16(_mm512_load_si512(acc + r * 2 * kNR), sx, p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, n);
-    if (!two) continue;
-    y = block_out(p, m0 + r, nb + 1, n);
-    store16(_mm512_load_si512(acc + r * 2 * kNR + kNR), sx, p.sw + n0 + kNR, p.bias ? p.bias + n0 + kNR : nullptr, y, n);
-  }
+  alignas(64) int32_t acc[MR * NB * kNR];
+  dot_vnni<MR, NB>(static_cast<const uint8_t*>(p.A) + m0 * p.Kp, p.Kp, w0, w0 + (NB - 1) * block, p.Kp / kKQ, acc);
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n0 = (nb + j) * kNR;
+      int64_t n;
+      float* y = block_out(p, m0 + r, nb + j, n);
+      store16(_mm512_load_si512(acc + (r * NB + j) * kNR), p.sx[m0 + r], p.sw + n0, p.bias ? p.bias + n0 : nullptr,
+              y, n);
+    }
 }
 
-// One row against one 16-channel block. At one row the GEMM is a stream through the weight: the tiles'
-// two blocks side by side (10 KiB apart at K = 640) are two streams, and one core's prefetchers kept 12 GB/s
-// on those against 18 GB/s on the blocks read one after another (a Gemma-sized lm_head, this Zen 4).
-__attribute__((noinline)) GLUFX_VNNI void dot_vnni_row(const uint8_t* a, const int8_t* w, int64_t kq_n, int32_t* acc) {
-  __m512i c = _mm512_setzero_si512(), s = c;
-  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t kq = 0; kq < kq_n; ++kq) {
-    const __m512i b = _mm512_loadu_si512(w + kq * kNR * kKQ);
-    int32_t quad;
-    std::memcpy(&quad, a + kq * kKQ, sizeof(quad));
-    dpbusd(s, k128, b);
-    dpbusd(c, _mm512_set1_epi32(quad), b);
-  }
-  _mm512_storeu_si512(acc, _mm512_sub_epi32(c, s));
-}
-
-GLUFX_VNNI void row_vnni(const PackedArgs& p, int64_t m, int64_t nb) {
-  alignas(64) int32_t acc[kNR];
-  dot_vnni_row(static_cast<const uint8_t*>(p.A) + m * p.Kp, p.W + nb * (p.Kp / kKQ) * kNR * kKQ, p.Kp / kKQ, acc);
-  int64_t n;
-  float* y = block_out(p, m, nb, n);
-  const int64_t n0 = nb * kNR;
-  store16(_mm512_load_si512(acc), p.sx[m], p.sw + n0, p.bias ? p.bias + n0 : nullptr, y, n);
-}
-
-GLUFX_VNNI void rows_vnni(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, bool two) {
+template <int NB>
+GLUFX_VNNI void rows_vnni_nb(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb) {
   int64_t m = m0;
   // 12-row tiles (24 accumulators + 6 operands fill the 32 zmm registers), 8 rows where a 12 would
   // leave a 4-row tail (M = 16: two 8s beat 12 + 4)
-  for (; m + 12 <= m1 && m1 - m != 16; m += 12) tile_vnni<12>(p, m, nb, two);
-  for (; m + 8 <= m1; m += 8) tile_vnni<8>(p, m, nb, two);
-  for (; m + 4 <= m1; m += 4) tile_vnni<4>(p, m, nb, two);
-  for (; m < m1; ++m) tile_vnni<1>(p, m, nb, two);
+  for (; m + 12 <= m1 && m1 - m != 16; m += 12) tile_vnni<12, NB>(p, m, nb);
+  for (; m + 8 <= m1; m += 8) tile_vnni<8, NB>(p, m, nb);
+  for (; m + 4 <= m1; m += 4) tile_vnni<4, NB>(p, m, nb);
+  for (; m < m1; ++m) tile_vnni<1, NB>(p, m, nb);
+}
+
+GLUFX_VNNI void rows_vnni(const PackedArgs& p, int64_t m0, int64_t m1, int64_t nb, bool two) {
+  if (two) rows_vnni_nb<2>(p, m0, m1, nb);
+  else rows_vnni_nb<1>(p, m0, m1, nb);
 }
 
 // ---- AVX2 -----------------------------------------------------------------------------------
@@ -326,10 +311,9 @@ std::string set_cpu_kernel(c10::string_view name) {
 void run_blocks(const PackedArgs& p, Path path, int64_t nb0, int64_t nb1) {
   if (path == Path::kGeneric) return rows_generic(p, 0, p.M, nb0, nb1);
 #ifdef GLUFX_X86
-  if (path == Path::kVnni && p.M == 1) {
-    for (int64_t nb = nb0; nb < nb1; ++nb) row_vnni(p, 0, nb);
-  } else if (path == Path::kVnni) {
-    for (int64_t nb = nb0; nb < nb1; nb += 2) rows_vnni(p, 0, p.M, nb, nb + 1 < nb1);
+  if (path == Path::kVnni) {
+    const int64_t step = p.M == 1 ? 1 : 2;  // one row: one weight stream (tile_vnni)
+    for (int64_t nb = nb0; nb < nb1; nb += step) rows_vnni(p, 0, p.M, nb, step == 2 && nb + 1 < nb1);
   } else {
     for (int64_t nb = nb0; nb < nb1; ++nb) rows_avx2(p, 0, p.M, nb);
   }
