@@ -87,6 +87,11 @@ def main(argv=None):
                   f"{t['speed_vs_all_static']:.2f}x all-static, {t['evaluations']} evaluations", flush=True)
             print("  measured curve (static share: held-out metric): " + ", ".join(
                 f"{100 * c['static_share']:.0f} %: {c['metric']:+.4f}" for c in t["curve"]), flush=True)
+        weights = next((st["summary"] for st in plan.stages if st.get("stage") == "RoundWeights"), None)
+        if weights and weights.get("linears"):  # GPTQ keeps its codes only where held-out error drops
+            row["weights"] = weights
+            print(f"  GPTQ codes kept on {weights['gptq_kept']} of {weights['linears']} INT8 linears "
+                  f"(median held-out error ratio gptq/rtn {weights.get('median_error_ratio', 1.0):.3f})", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

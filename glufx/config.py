@@ -35,7 +35,7 @@ class GlufxConfig:
     alpha: Optional[float] = None
     max_fp_param_share: float = 0.10  # bound on the share of decoder-linear parameters kept in FP
     tolerance: float = 0.10  # auto: keep the smallest set within this share of the best achievable gain
-    heldout_samples: int = 4  # sequences held out of scoring, for the auto search
+    heldout_samples: int = 12  # sequences held out of scoring, for the searches (4 was within their noise)
     max_search_steps: int = 12
     min_score: float = 2.0  # groups scoring below this are never candidates (no spike to speak of)
     # auto's walk: "score" (spike score, the paper's signal) or "sensitivity" (measured held-out gain of
