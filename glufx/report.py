@@ -134,10 +134,18 @@ def figures(saved: Saved, out: Path, top: int = 4) -> dict[str, str]:
             ax.plot(a, lw=0.8)
             ax.set_yscale("log")
             ax.axhline(float(np.median(a)), color="grey", lw=0.6, ls="--")
-            for pos in np.argsort(-a)[:3]:
+            # peaks numbered on the curve and named in a box: neighbouring peaks (BOS and the token after
+            # it) would print their names over each other
+            peaks = np.argsort(-a)[:3]
+            ax.plot(peaks, a[peaks], "o", ms=3, color="crimson")
+            names = []
+            for rank, pos in enumerate(peaks, 1):
                 tid = st.trace_tokens[pos] if pos < len(st.trace_tokens) else -1
-                ax.annotate(f"{saved.token(tid)} @{pos}", (pos, a[pos]), fontsize=8, color="crimson",
-                            xytext=(4, -2), textcoords="offset points")
+                ax.annotate(str(rank), (pos, a[pos]), fontsize=7, color="crimson", xytext=(3, 1),
+                            textcoords="offset points")
+                names.append(f"{rank}: {saved.token(tid)} @{pos} ({a[pos]:.3g})")
+            ax.text(0.995, 0.96, "\n".join(names), transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                    color="crimson", bbox=dict(facecolor="white", edgecolor="none", alpha=0.85))
             ax.set_title(f"{_title(st)} (score {st.score:.1f})", fontsize=9)
             ax.set_ylabel("token absmax")
         axes[-1, 0].set_xlabel("position in the first calibration sequence")
