@@ -15,6 +15,22 @@ import time
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 
+def _keep_float32_int8_off_amx(dtype: str) -> bool:
+    """vLLM 0.32's CPU W8A8 linear takes its AMX kernel (`int8_scaled_mm_with_quant`) for INT8 weights on any
+    CPU with AMX tiles (Sapphire Rapids and later), and that kernel accepts only bfloat16 / float16
+    activations: a float32 model fails in its first forward ("expect A to be bfloat16 or half"). For float32
+    the engine is kept on the oneDNN kernel it uses on every other x86 CPU. Returns whether it had to."""
+    import torch
+
+    if dtype != "float32" or not torch.cpu._is_amx_tile_supported():
+        return False
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
+
+    amx_kernel_allowed = scaled_mm_cpu.check_cpu_sgl_kernel
+    scaled_mm_cpu.check_cpu_sgl_kernel = lambda n, k, w_dtype: w_dtype != torch.int8 and amx_kernel_allowed(n, k, w_dtype)
+    return True
+
+
 def main() -> None:
     req = json.load(sys.stdin)
     # the engine core otherwise runs in a spawned process that re-imports this script's caller
@@ -22,6 +38,7 @@ def main() -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
+    rerouted = _keep_float32_int8_off_amx(req.get("dtype", "float32"))
     t0 = time.perf_counter()
     llm = LLM(model=req["model"], skip_tokenizer_init=True, enforce_eager=True, dtype=req.get("dtype", "float32"),
               max_model_len=req["max_model_len"], gpu_memory_utilization=req.get("memory_share", 0.2), seed=0)
@@ -34,7 +51,7 @@ def main() -> None:
         prompt_lps.append([float(d[tok].logprob) for tok, d in zip(prompt[1:], out.prompt_logprobs[1:])])
     quant = getattr(llm.llm_engine.vllm_config.model_config, "quantization", None)
     answer = {"vllm": vllm.__version__, "greedy": greedy, "prompt_logprobs": prompt_lps,
-              "quantization": quant, "seconds": time.perf_counter() - t0}
+              "quantization": quant, "seconds": time.perf_counter() - t0, "float32_int8_off_amx": rerouted}
     with open(sys.argv[1], "w") as f:
         json.dump(answer, f)
 
