@@ -136,8 +136,11 @@ def test_vllm_runs_gemma_exports_as_glufx_does(gemma, results, static, tmp_path)
     against glufx's perplexity and greedy continuations for the same model. vLLM's own Gemma 3 implementation
     (its attention, rotary and norm kernels) moves the floating-point parts too, so the bound is wider than on
     the tiny models (tests/deploy/test_vllm.py): measured 3.3e-3 relative for per-token round-to-nearest
-    (28.136 vs 28.044), 3.6e-4 for static (29.056 vs 29.046). transformers' compressed-tensors loader runs the
-    per-token export too."""
+    on a Zen 4 (28.136 vs 28.044) and 7.3e-3 on an AMX Xeon (28.336 vs 28.130), 3.6e-4 for static (29.056 vs
+    29.046). Per-token round-to-nearest is this model's most fragile plan: glufx's own perplexity for it moves
+    by 0.7 % between those two CPUs while its three kernels (VNNI, AVX2, generic) agree to every digit on each,
+    so floating-point differences upstream of the quantizer flip its roundings; the bound is set above that.
+    transformers' compressed-tensors loader runs the per-token export too."""
     from transformers import AutoModelForCausalLM
 
     from glufx.deploy.vllm import perplexity_from_logprobs, run_vllm
@@ -146,7 +149,7 @@ def test_vllm_runs_gemma_exports_as_glufx_does(gemma, results, static, tmp_path)
     prompts = [tok(t).input_ids for t in PROMPTS]
     rtn = glufx.compile(copy.deepcopy(gemma[0]), plan=results["rtn_plan"])
     # (what is exported, the model glufx runs for it, relative tolerance)
-    checks = {"per-token RTN": (rtn, rtn, 5e-3), "static, prefix dropped": (static["model"], static["model"].model, 5e-3)}
+    checks = {"per-token RTN": (rtn, rtn, 1e-2), "static, prefix dropped": (static["model"], static["model"].model, 5e-3)}
     for label, (exported, model, rel) in checks.items():
         ours_ppl = perplexity(model, windows, progress=False, first_scored=2)
         directory = tmp_path / label.replace(" ", "_").replace(",", "")
