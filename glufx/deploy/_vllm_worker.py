@@ -38,9 +38,10 @@ def main() -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
-    rerouted = _keep_float32_int8_off_amx(req.get("dtype", "float32"))
+    dtype = req.get("dtype", "float32")
+    rerouted = _keep_float32_int8_off_amx(dtype)
     t0 = time.perf_counter()
-    llm = LLM(model=req["model"], skip_tokenizer_init=True, enforce_eager=True, dtype=req.get("dtype", "float32"),
+    llm = LLM(model=req["model"], skip_tokenizer_init=True, enforce_eager=True, dtype=dtype,
               max_model_len=req["max_model_len"], gpu_memory_utilization=req.get("memory_share", 0.2), seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], prompt_logprobs=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=False)
