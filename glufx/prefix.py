@@ -93,8 +93,11 @@ class PrefixedLM(nn.Module):
         (the prefix included) for a compiled decode step (deploy/decode.py)."""
         from transformers import DynamicCache, StaticCache
 
+        from .deploy.decode import ring_sliding_windows
+
         cache = (DynamicCache(config=self.model.config) if max_cache_len is None
-                 else StaticCache(config=self.model.config, max_cache_len=max_cache_len))
+                 else ring_sliding_windows(StaticCache(config=self.model.config, max_cache_len=max_cache_len),
+                                           self.model.config))
         for i in range(self.n_layers):
             k, v = getattr(self, f"prefix_k{i}"), getattr(self, f"prefix_v{i}")
             # expand() makes views; the cache concatenates into new tensors, so the buffers stay intact

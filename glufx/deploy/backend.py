@@ -194,11 +194,14 @@ def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[di
     """options: `plan` (a Plan or its JSON path; not needed for an already-lowered model); `inductor`
     (default True; False runs the rewritten graph as is); `exact` (default True: Inductor keeps eager's
     float math, so the logits equal `glufx.compile`'s bit for bit; False lets it generate every float op,
-    see deploy/inductor.py)."""
+    see deploy/inductor.py); `cpp_wrapper` (default False: Inductor's wrapper, the code that calls the
+    kernels, is Python; True compiles it to C++, which costs a longer compile and saves the Python work per
+    call, what a single-token decode step of a small model is mostly made of)."""
     options = dict(options or {})
-    unknown = set(options) - {"plan", "inductor", "exact"}
+    unknown = set(options) - {"plan", "inductor", "exact", "cpp_wrapper"}
     if unknown:
-        raise ValueError(f"glufx backend: unknown option(s) {sorted(unknown)}; known: plan, inductor, exact")
+        raise ValueError(f"glufx backend: unknown option(s) {sorted(unknown)}; known: plan, inductor, exact, "
+                         "cpp_wrapper")
     plan = _resolve_plan(options)
     if plan is None:
         if not _holds_glufx_ops(gm):
@@ -217,4 +220,5 @@ def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[di
         return gm.forward
     # A fresh GraphModule: Inductor looks new get_attr constants up by their source otherwise
     # (docs/design.md, "The torch.compile backend").
-    return compile_graph(fx.GraphModule(gm, gm.graph), example_inputs, exact=options.get("exact", True))
+    return compile_graph(fx.GraphModule(gm, gm.graph), example_inputs, exact=options.get("exact", True),
+                         cpp_wrapper=bool(options.get("cpp_wrapper", False)))

@@ -10,28 +10,164 @@ dispatcher work and fuses the elementwise arithmetic around glufx's ops.
 
 How: transformers' `generate()` already compiles its decode forward when the cache is static and the
 model's `generation_config.compile_config` says so; on CPU it must be told (`_compile_all_devices`).
-The step goes through glufx's own torch.compile backend: in `exact` mode Inductor keeps eager's float
-math (deploy/inductor.py), so each step's logits equal the traced graph's bit for bit; `exact=False` lets
-Inductor generate every float op (faster norms, another valid W8A8 result). The traced step is not eager's
-step, though: under tracing transformers attends with an explicit mask over the whole static cache, so
-float sums run in another order and INT8 codes can flip (docs/decode.md measures it; on Gemma 3 270M greedy
-tokens matched eager glufx's for 32 of 32, which is not guaranteed). A floating-point model
-takes plain Inductor. Positions are not specialised: transformers keeps a sliding-window layer's length
-as a Python int, which the first decode step specialises and the second makes dynamic; a window that
-fills takes its other branch once more. So a generation compiles two or three graphs, and later positions
-and calls with the same batch size and cache length reuse them.
+The step goes through glufx's own torch.compile backend, with Inductor's wrapper (the code calling the
+step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Three things transformers' traced step does
+that cost more than the arithmetic, and what glufx does instead:
+- a full sliding window is rolled by one slot per step (two window-sized copies per layer): glufx's
+  static caches keep a full window as a ring (RingSlidingWindowLayer);
+- grouped-query attention repeats each key-value head for its query heads under compile (a copy of the
+  cache per layer): glufx packs a single query's heads onto their key-value head instead, as transformers
+  does eagerly (packed_gqa_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa" model);
+- by default the backend's `exact` mode keeps eager's float math (ATen calls for norms and
+  transcendentals, deploy/inductor.py); here `exact=False` is the default and Inductor generates and
+  fuses them. Bit-exactness to the traced graph buys a decode user nothing they can see: the traced
+  step is not eager's step either (attention runs over the static cache with an explicit mask, so float
+  sums run in another order and INT8 codes can flip), and both are valid W8A8 results; docs/decode.md
+  measures how far each lands from eager glufx. `exact=True` keeps each step's logits equal to the traced
+  graph run without Inductor, bit for bit.
+A floating-point model takes plain Inductor. Positions are not specialised: transformers keeps a
+sliding-window layer's length as a Python int, which the first decode step specialises and the second
+makes dynamic; a window that fills takes its other branch once more. So a generation compiles two or
+three graphs, and later positions and calls with the same batch size and cache length reuse them.
 
 A QFeP model (glufx.prefixed, glufx.load of a plan with a prefix) starts each generation from a static
 cache that already holds the prefix's floating-point keys and values (prefix.py).
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
 from ..nn import Int8GLU, Int8Linear
 from ..prefix import as_prefixed
+
+PACKED_GQA_SDPA = "glufx_sdpa"  # the attention implementation compile_decode switches an "sdpa" model to
+
+
+class RingSlidingWindowLayer(StaticSlidingWindowLayer):
+    """transformers' static sliding-window cache layer, except that a full window is a ring.
+
+    Why: transformers keeps a sliding window's slots in position order, so once the window is full every
+    single-token step rolls the keys and the values by one slot: two copies of the whole window per layer
+    and step. On Gemma 3 270M after a 512-token prompt (15 sliding layers of 512 slots) that was two
+    thirds of the compiled step's own time. Attention does not need the order: keys are cached after the
+    rotary embedding, and once the window is full a single query attends to every slot (the sliding mask
+    transformers builds for it, `kv > q - window` over the window's positions, is all true). So here a full
+    window's new key and value overwrite the oldest slot in place, at `next_slot`, a tensor the compiled
+    step reads and advances (an int would specialise the graph). Anything that needs position order
+    (several tokens on a full window: a chunked prefill, a continued chat) first puts the ring back in
+    order, then takes transformers' own path.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.next_slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the oldest slot of a full ring
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.next_slot)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # key_states: [B, H_kv, T, D]
+        if key_states.shape[-2] == 1 and self.cumulative_length_int >= self.max_cache_len:
+            self.cumulative_length_int += 1
+            self.keys.index_copy_(2, self.next_slot, key_states)
+            self.values.index_copy_(2, self.next_slot, value_states)
+            self.next_slot.add_(1).remainder_(self.max_cache_len)
+            return self.keys, self.values
+        self._unroll()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _unroll(self) -> None:
+        """Put a ring back in position order (oldest slot first); tensor ops only, so it also traces."""
+        order = (torch.arange(self.max_cache_len, device=self.device) + self.next_slot) % self.max_cache_len
+        self.keys.copy_(self.keys.index_select(2, order))
+        self.values.copy_(self.values.index_select(2, order))
+        self.next_slot.zero_()
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            self.next_slot.zero_()
+
+
+def ring_sliding_windows(cache: StaticCache, config) -> StaticCache:
+    """Swap a fresh static cache's sliding-window layers for ring layers (RingSlidingWindowLayer), in place.
+
+    Only layers of type "sliding_attention" whose window is smaller than the cache: a chunked-attention
+    layer (also a StaticSlidingWindowLayer in transformers) masks by chunk, which a ring would scramble,
+    and a window that never fills never rolls."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    if len(layer_types) != len(cache.layers):
+        return cache
+    for i, (kind, layer) in enumerate(zip(layer_types, cache.layers)):
+        if kind == "sliding_attention" and type(layer) is StaticSlidingWindowLayer and not layer.is_initialized \
+                and not layer.is_croppable:
+            ring = RingSlidingWindowLayer.__new__(RingSlidingWindowLayer)
+            ring.__dict__.update(layer.__dict__)  # the same (not yet allocated) layer, as transformers built it
+            cache.layers[i] = ring
+    return cache
+
+
+def packed_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                    **kwargs):
+    """transformers' SDPA attention, with a single query's heads packed onto their key-value head.
+
+    Why: with grouped-query attention transformers repeats each key-value head for its query heads
+    (`repeat_kv`, a copy of the whole cache per layer and step) whenever it runs under torch.compile; eagerly
+    it packs a single query's heads as rows of one key-value head instead (`pack_gqa`). Under compile a
+    decode step's query length is static, so the packing traces as well: on Gemma 3 270M (4 query heads,
+    1 key-value head) after a 512-token prompt that halved the step's attention time."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None \
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, _, D = query.shape  # query: [B, H, 1, D]; key, value: [B, H_kv, S, D]
+    packed = query.reshape(B, H // groups, groups, D)  # [B, H_kv, groups, D]: a key-value head's queries as rows
+    mask = attention_mask
+    if mask is not None and mask.shape[1] != 1:  # a per-head mask packs like the queries: [B, H_kv, groups, S]
+        mask = mask.reshape(mask.shape[0], H // groups, groups, mask.shape[-1])
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # [B, 1, H, D]
+
+
+def _use_packed_gqa_sdpa(lm: nn.Module) -> None:
+    """Switch an "sdpa" model to packed_gqa_sdpa (registered with transformers under PACKED_GQA_SDPA, with
+    SDPA's masks); any other attention implementation is left as it is."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
+    AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
+    lm.set_attn_implementation(PACKED_GQA_SDPA)
+
+
+def _ring_static_caches(lm: nn.Module) -> None:
+    """Make generate()'s static caches ring their sliding windows: wrap this model's (not the class's)
+    `_prepare_static_cache`, the one place transformers builds them."""
+    if getattr(lm, "_glufx_ring_caches", False):
+        return
+    build = lm._prepare_static_cache
+
+    def prepare_static_cache(self, *args, **kwargs):
+        cache = build(*args, **kwargs)
+        return ring_sliding_windows(cache, self.config) if isinstance(cache, StaticCache) else cache
+
+    lm._prepare_static_cache = types.MethodType(prepare_static_cache, lm)
+    lm._glufx_ring_caches = True
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -44,20 +180,29 @@ def language_model(model: nn.Module) -> nn.Module:
     return lm
 
 
-def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exact: bool = True,
-                   backend: Optional[str] = None, skip_module_guards: bool = False) -> nn.Module:
+def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exact: bool = False,
+                   backend: Optional[str] = None, skip_module_guards: bool = False,
+                   cpp_wrapper: bool = True) -> nn.Module:
     """Make `model.generate()` decode with a static KV cache and a compiled single-token step; returns `model`.
 
     `max_cache_len`: positions the static cache holds (prompt, QFeP prefix and new tokens). Every
     generation that fits reuses one compiled step; a longer one grows the cache and compiles once more
     (transformers keeps the largest length seen). Unset, the first generation sets it. Each step attends
     over the whole static cache (masked), so a much larger cache than needed costs attention time.
-    `exact` (glufx models): Inductor keeps eager's float math (deploy/inductor.py). `backend`: "glufx"
+    `exact` (glufx models): Inductor keeps eager's float math (deploy/inductor.py), about 15 % slower
+    per step on Gemma 3 270M at two threads (docs/decode.md); off by default (module doc). `backend`: "glufx"
     (default for a model holding glufx ops) or "inductor" (default for a floating-point model).
+    `cpp_wrapper`: Inductor writes the code that calls the step's kernels as C++, not Python: the first
+    compile takes longer (a C++ build), each step saves the Python work of a few hundred kernel calls
+    (Gemma 3 270M, two threads: 48.5 -> 53 tok/s, docs/decode.md).
     `skip_module_guards`: before each step dynamo re-checks every module attribute and buffer the graph
     read (1.3-1.6 ms of a ~30 ms Gemma 3 270M step at one thread, profiled); True drops those checks
     (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`), which is right only while the model is left
     as it is after this call: no `.to()`, no swapped modules or reassigned buffers.
+
+    Besides its generation config, the model changes in two ways (module doc): an "sdpa" model's attention
+    implementation becomes "glufx_sdpa" (the same arithmetic, eager or compiled; only a single query's GQA
+    heads are packed), and this model's static caches ring their full sliding windows.
     """
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -72,10 +217,8 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     if backend == "glufx" and not quantized:
         raise ValueError("glufx.compile_decode: backend='glufx' needs a model glufx.compile / glufx.load lowered; "
                          "a floating-point model takes backend='inductor'")
-    options = {"exact": exact} if backend == "glufx" else {}
+    options = {"exact": exact, "cpp_wrapper": cpp_wrapper} if backend == "glufx" else {"cpp_wrapper": cpp_wrapper}
     if skip_module_guards:
-        import torch
-
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     config = CompileConfig(fullgraph=True, dynamic=None, backend=backend, mode=None, options=options or None)
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
@@ -83,6 +226,8 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
         if max_cache_len < 2:
             raise ValueError(f"glufx.compile_decode: max_cache_len must hold a prompt and a new token, got {max_cache_len}")
         lm._previous_max_cache_length = max_cache_len  # transformers' own record of the largest static cache
+    _ring_static_caches(lm)
+    _use_packed_gqa_sdpa(lm)
     lm.generation_config.cache_implementation = "static"
     lm.generation_config.compile_config = config
     return model

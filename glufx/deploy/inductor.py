@@ -91,11 +91,13 @@ def inductor_options(exact: bool) -> dict[str, Any]:
     return {"pattern_matcher": False, "implicit_fallbacks": True, "post_grad_custom_post_pass": _CacheKey()}
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], exact: bool = True) -> Any:
-    """`compile_fx` of a rewritten dynamo graph; `exact` keeps eager's float math (module doc)."""
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], exact: bool = True,
+                  cpp_wrapper: bool = False) -> Any:
+    """`compile_fx` of a rewritten dynamo graph; `exact` keeps eager's float math (module doc); `cpp_wrapper`
+    makes Inductor's wrapper C++ (deploy/decode.py)."""
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_options(exact)
+    patches = {**inductor_options(exact), **({"cpp_wrapper": True} if cpp_wrapper else {})}
     with eager_float_ops() if exact else contextlib.nullcontext():
         return compile_fx(gm, example_inputs, config_patches=patches)
 

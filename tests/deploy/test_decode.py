@@ -25,18 +25,18 @@ def _quantized(family, calib_ids, **cfg):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers in the static cache
 def test_compiled_step_equals_the_traced_step(family, calib_ids):
-    """Inductor in exact mode adds no float difference: every step's logits equal those of the same dynamo graph
+    """Inductor in exact mode (off by default for decode) adds no float difference: every step's logits equal those of the same dynamo graph
     run without Inductor. (Against eager with a dynamic cache they differ: transformers traces attention with an
     explicit mask over the static cache; docs/deploy.md measures that on Gemma 3.)"""
     model = _quantized(family, calib_ids)
     ids = calib_ids[:1, :7]
     torch._dynamo.reset()
-    traced = glufx.compile_decode(copy.deepcopy(model))
+    traced = glufx.compile_decode(copy.deepcopy(model), exact=True)
     traced.generation_config.compile_config.options = {"inductor": False}
     ref = _generate(traced, ids, 10)
     torch._dynamo.reset()
     before = glufx_backend.counters["graphs"]
-    out = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 10)
+    out = _generate(glufx.compile_decode(copy.deepcopy(model), exact=True), ids, 10)
     assert glufx_backend.counters["graphs"] > before  # the step did go through the backend
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
@@ -74,11 +74,11 @@ def test_qfep_prefix_in_the_static_cache(calib_ids):
     assert model.glufx_plan.qfep
     ids = calib_ids[:1, 1:8]  # no BOS: it is inside the prefix
     torch._dynamo.reset()
-    traced = glufx.compile_decode(copy.deepcopy(model))
+    traced = glufx.compile_decode(copy.deepcopy(model), exact=True)
     glufx.deploy.decode.language_model(traced).generation_config.compile_config.options = {"inductor": False}
     ref = _generate(traced, ids, 6)
     torch._dynamo.reset()
-    out = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 6)
+    out = _generate(glufx.compile_decode(copy.deepcopy(model), exact=True), ids, 6)
     assert out.sequences.shape == (1, 7 + 6)  # the user's tokens and the new ones, not the prefix
     assert torch.equal(out.sequences, ref.sequences)
     # the prefix is really there: the first new token's logits are eager glufx's (the same eager prefill, up to
@@ -118,3 +118,74 @@ def test_skipping_module_guards_changes_no_output(calib_ids):
     out = _generate(unguarded, ids, 6)
     assert torch.equal(out.sequences, guarded.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, guarded.logits))
+
+
+def test_ring_window_holds_the_rolled_windows_keys():
+    """A full ring holds the same keys as transformers' rolled window, in another slot order; a multi-token
+    update on a full ring puts it back in order first and then equals transformers' update."""
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    from glufx.deploy.decode import RingSlidingWindowLayer
+
+    g = torch.Generator().manual_seed(0)
+    rolled = StaticSlidingWindowLayer(max_cache_len=40, sliding_window=8)
+    ring = RingSlidingWindowLayer(max_cache_len=40, sliding_window=8)
+    steps = [5] + [1] * 11 + [3] + [1] * 2  # fills at 8, wraps past it, then a 3-token chunk, then single steps
+    for t in steps:
+        k, v = torch.randn(1, 2, t, 4, generator=g), torch.randn(1, 2, t, 4, generator=g)
+        ka, va = rolled.update(k, v)
+        kb, vb = ring.update(k, v)
+        if t > 1 or rolled.cumulative_length_int <= 8:  # before the ring turns, and on every chunk: the same order
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+        else:  # the same slots as a set: sort each cached key's rows
+            assert torch.equal(ka.sort(dim=2).values, kb.sort(dim=2).values)
+            assert torch.equal(va.sort(dim=2).values, vb.sort(dim=2).values)
+    assert ring.cumulative_length_int == rolled.cumulative_length_int == sum(steps)
+    assert int(ring.next_slot) == 2  # two single steps since the chunk reordered the ring
+
+
+def test_ring_window_generates_what_the_rolled_window_does(calib_ids):
+    """Eager generation (no compile) past a sliding window of 16: transformers' rolled static cache and the
+    ring give the same tokens and logits to float-order noise."""
+    from glufx.deploy.decode import RingSlidingWindowLayer, _ring_static_caches
+
+    model = tiny_model("gemma3", spike=False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.cache_implementation = "static"
+    ids = calib_ids[:1, :7]
+    rolled = _generate(model, ids, 30)
+    _ring_static_caches(model)
+    cache = model._prepare_static_cache("static", 1, 40, None, {})
+    assert sum(isinstance(layer, RingSlidingWindowLayer) for layer in cache.layers) == 1  # the sliding layer
+    ring = _generate(model, ids, 30)
+    assert torch.equal(ring.sequences, rolled.sequences)
+    for a, b in zip(ring.logits, rolled.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_packed_gqa_attention_equals_repeated_heads(per_head_mask):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from glufx.deploy.decode import packed_gqa_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    q = torch.randn(2, 6, 1, 16, generator=g)  # 6 query heads over 2 key-value heads
+    k, v = torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
+    mask = torch.rand(2, 6 if per_head_mask else 1, 1, 20, generator=g) > 0.3
+    mask[..., 0] = True
+    out, _ = packed_gqa_sdpa(module, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask,
+                                                           scale=0.25).transpose(1, 2)
+    assert out.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_decode_switches_sdpa_models_only(calib_ids):
+    model = glufx.compile_decode(tiny_model("llama"))
+    assert model.config._attn_implementation == "glufx_sdpa"
+    eager = tiny_model("llama")
+    eager.set_attn_implementation("eager")
+    assert glufx.compile_decode(eager).config._attn_implementation == "eager"
