@@ -160,14 +160,13 @@ def _ring_static_caches(lm: nn.Module) -> None:
     `_prepare_static_cache`, the one place transformers builds them."""
     if getattr(lm, "_glufx_ring_caches", False):
         return
-    build = lm._prepare_static_cache
-
-    def prepare_static_cache(self, *args, **kwargs):
-        cache = build(*args, **kwargs)
-        return ring_sliding_windows(cache, self.config) if isinstance(cache, StaticCache) else cache
-
-    lm._prepare_static_cache = types.MethodType(prepare_static_cache, lm)
+    lm._prepare_static_cache = types.MethodType(_prepare_ring_static_cache, lm)  # a deepcopy rebinds it to the copy
     lm._glufx_ring_caches = True
+
+
+def _prepare_ring_static_cache(self, *args, **kwargs):
+    cache = type(self)._prepare_static_cache(self, *args, **kwargs)  # transformers' own, from the class
+    return ring_sliding_windows(cache, self.config) if isinstance(cache, StaticCache) else cache
 
 
 def language_model(model: nn.Module) -> nn.Module:

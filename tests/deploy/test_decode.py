@@ -159,6 +159,9 @@ def test_ring_window_generates_what_the_rolled_window_does(calib_ids):
     assert sum(isinstance(layer, RingSlidingWindowLayer) for layer in cache.layers) == 1  # the sliding layer
     ring = _generate(model, ids, 30)
     assert torch.equal(ring.sequences, rolled.sequences)
+    twin = copy.deepcopy(model)  # the copy builds its own caches, not the original's
+    twin._prepare_static_cache("static", 1, 77, None, {})
+    assert twin._previous_max_cache_length == 77 and model._previous_max_cache_length == 40
     for a, b in zip(ring.logits, rolled.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
 
