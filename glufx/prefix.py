@@ -88,16 +88,19 @@ class PrefixedLM(nn.Module):
         return PrefixKV(self.prefix_ids.tolist(), [getattr(self, f"prefix_k{i}") for i in range(self.n_layers)],
                         [getattr(self, f"prefix_v{i}") for i in range(self.n_layers)])
 
-    def prefix_cache(self, batch: int, max_cache_len: Optional[int] = None):
+    def prefix_cache(self, batch: int, max_cache_len: Optional[int] = None, ring: bool = True):
         """A new cache holding the prefix: dynamic, or static with room for `max_cache_len` positions
-        (the prefix included) for a compiled decode step (deploy/decode.py)."""
+        (the prefix included) for a compiled decode step (deploy/decode.py; `ring`: full sliding windows
+        as rings, for generations without padding)."""
         from transformers import DynamicCache, StaticCache
 
         from .deploy.decode import ring_sliding_windows
 
-        cache = (DynamicCache(config=self.model.config) if max_cache_len is None
-                 else ring_sliding_windows(StaticCache(config=self.model.config, max_cache_len=max_cache_len),
-                                           self.model.config))
+        if max_cache_len is None:
+            cache = DynamicCache(config=self.model.config)
+        else:
+            cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+            cache = ring_sliding_windows(cache, self.model.config) if ring else cache
         for i in range(self.n_layers):
             k, v = getattr(self, f"prefix_k{i}"), getattr(self, f"prefix_v{i}")
             # expand() makes views; the cache concatenates into new tensors, so the buffers stay intact
@@ -157,7 +160,8 @@ class PrefixedLM(nn.Module):
         try:
             if static_length is not None:
                 config.cache_implementation = None
-            out = self.model.generate(full, attention_mask=mask, cache=self.prefix_cache(B, static_length), **kwargs)
+            cache = self.prefix_cache(B, static_length, ring=attention_mask is None or bool(attention_mask.all()))
+            out = self.model.generate(full, attention_mask=mask, cache=cache, **kwargs)
         finally:
             config.cache_implementation = implementation
         sequences = out.sequences if hasattr(out, "sequences") else out

@@ -98,6 +98,7 @@ class RingSlidingWindowLayer(StaticSlidingWindowLayer):
 
 def ring_sliding_windows(cache: StaticCache, config) -> StaticCache:
     """Swap a fresh static cache's sliding-window layers for ring layers (RingSlidingWindowLayer), in place.
+    For generations without padding (`unpadded`): the padding mask addresses slots in position order.
 
     Only layers of type "sliding_attention" whose window is smaller than the cache: a chunked-attention
     layer (also a StaticSlidingWindowLayer in transformers) masks by chunk, which a ring would scramble,
@@ -166,7 +167,16 @@ def _ring_static_caches(lm: nn.Module) -> None:
 
 def _prepare_ring_static_cache(self, *args, **kwargs):
     cache = type(self)._prepare_static_cache(self, *args, **kwargs)  # transformers' own, from the class
-    return ring_sliding_windows(cache, self.config) if isinstance(cache, StaticCache) else cache
+    model_kwargs = kwargs.get("model_kwargs", args[4] if len(args) > 4 else None) or {}
+    if not isinstance(cache, StaticCache) or not unpadded(model_kwargs.get("attention_mask")):
+        return cache
+    return ring_sliding_windows(cache, self.config)
+
+
+def unpadded(attention_mask: Optional[torch.Tensor]) -> bool:
+    """Whether a generation's padding mask is all ones. A ring holds its slots out of position order, and a
+    padding mask is laid out in position order: a padded batch keeps transformers' rolled windows."""
+    return attention_mask is None or bool(attention_mask.all())
 
 
 def language_model(model: nn.Module) -> nn.Module:

@@ -159,11 +159,33 @@ def test_ring_window_generates_what_the_rolled_window_does(calib_ids):
     assert sum(isinstance(layer, RingSlidingWindowLayer) for layer in cache.layers) == 1  # the sliding layer
     ring = _generate(model, ids, 30)
     assert torch.equal(ring.sequences, rolled.sequences)
+    for a, b in zip(ring.logits, rolled.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
     twin = copy.deepcopy(model)  # the copy builds its own caches, not the original's
     twin._prepare_static_cache("static", 1, 77, None, {})
     assert twin._previous_max_cache_length == 77 and model._previous_max_cache_length == 40
-    for a, b in zip(ring.logits, rolled.logits):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
+def test_padded_batch_keeps_rolled_windows(calib_ids):
+    """A ring's slots are out of position order and a padding mask is not: a left-padded batch past its window
+    decodes as transformers' rolled cache does."""
+    from glufx.deploy.decode import RingSlidingWindowLayer, _ring_static_caches
+
+    model = tiny_model("gemma3", spike=False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.cache_implementation = "static"
+    ids = calib_ids[:2, :9].clone()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # the first row is 5 tokens, left-padded
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        rolled = model.generate(ids, **kw)
+        _ring_static_caches(model)
+        cache = model._prepare_static_cache("static", 2, 40, None, {"attention_mask": mask})
+        assert not any(isinstance(layer, RingSlidingWindowLayer) for layer in cache.layers)
+        again = model.generate(ids, **kw)
+    assert torch.equal(again.sequences, rolled.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, rolled.logits))
 
 
 @pytest.mark.parametrize("per_head_mask", [False, True])
