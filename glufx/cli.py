@@ -297,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--compiled", action="store_true",
-                   help="also decode with glufx.compile_decode (static cache, compiled step; compiling, a C++ build per graph, takes minutes on 2 cores)")
+                   help="also decode with glufx.compile_decode (static cache, compiled step; compiling, a C++ build "
+                        "per graph, takes minutes on 2 cores)")
     b.set_defaults(fn=cmd_bench)
     return ap
 
