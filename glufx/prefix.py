@@ -160,7 +160,9 @@ class PrefixedLM(nn.Module):
         try:
             if static_length is not None:
                 config.cache_implementation = None
-            cache = self.prefix_cache(B, static_length, ring=attention_mask is None or bool(attention_mask.all()))
+            from .deploy.decode import unpadded
+
+            cache = self.prefix_cache(B, static_length, ring=unpadded(attention_mask))
             out = self.model.generate(full, attention_mask=mask, cache=cache, **kwargs)
         finally:
             config.cache_implementation = implementation
