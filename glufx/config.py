@@ -58,8 +58,9 @@ class GlufxConfig:
     # random signs, for every module with dynamic activation scales; static ones stay unrotated) or "off"
     rotation: str = "hadamard"
     rotation_block: int = 128
-    # static scales: "clip_search" (the clipping that minimises the error of the linears' outputs) or
-    # "absmax" (no clipping)
+    # static scales: "clip_search" (the clipping that minimises the error of the linears' outputs),
+    # "block_search" (those clips refined by the error of each decoder block's output; slower, and no
+    # better on Gemma 3 270M: docs/method.md §8) or "absmax" (no clipping)
     scales: str = "clip_search"
     # weight rounding: "rtn" (round to nearest) or "gptq" (error-compensating, from calibration second
     # moments; kept per module where it lowers held-out output error). Not with target=

@@ -31,7 +31,7 @@ STAGE_VERSION = 1
 # the choices of the stages' options (GlufxConfig offers the same ones)
 TRANSFORMS = ("identity", "smooth_up_down", "smooth")
 QFEP_METHODS = ("paper", "prefixquant")
-SCALE_METHODS = ("absmax", "clip_search")
+SCALE_METHODS = ("absmax", "clip_search", "block_search")
 QFEM_MODES = ("auto", "alpha", "budget", "off")
 TARGET_METRICS = ("ppl", "kl")
 QFEM_ORDERS = ("score", "sensitivity")
@@ -503,9 +503,11 @@ class Rotate(Stage):
 @dataclass
 class DecideScales(Stage):
     """Static activation scales for modules whose granularity is static (glufx/decide/scales.py):
-    `absmax` (absmax / 127 of the calibration inputs) or `clip_search` (the clipping of that scale that
+    `absmax` (absmax / 127 of the calibration inputs), `clip_search` (the clipping of that scale that
     minimises the error of the outputs of the linears reading the input, over `max_tokens` sampled
-    calibration tokens). The observed absmax is recorded for every target."""
+    calibration tokens) or `block_search` (clip_search's clips refined, group by group, by the error of
+    the output of the repeated block holding them, its static linears quantized). The observed absmax is
+    recorded for every target."""
 
     method: str = "absmax"
     max_tokens: int = 1024
@@ -519,10 +521,11 @@ class DecideScales(Stage):
             raise ValueError(f"DecideScales.max_tokens must be >= 1, got {self.max_tokens}")
 
     def run(self, ctx: Context) -> dict:
-        from .decide.scales import clip_search
+        from .decide.scales import block_clip_search, clip_search
 
         by_fqn = ctx.stats.by_fqn()
-        searched = clip_search(ctx, max_tokens=self.max_tokens) if self.method == "clip_search" else {}
+        search = {"clip_search": clip_search, "block_search": block_clip_search}.get(self.method)
+        searched = search(ctx, max_tokens=self.max_tokens) if search is not None else {}
         n = 0
         for f in ctx.targets():
             mp, st = ctx.plan.modules[f], by_fqn.get(f)
