@@ -15,8 +15,6 @@ import argparse
 import copy
 from importlib.resources import files
 
-import torch
-
 import glufx
 from glufx.eval import perplexity, wikitext2_windows
 from glufx.models import load_gemma3_270m
@@ -33,9 +31,8 @@ def clipped_forward(clip: float, native):
         x2d = x.reshape(-1, x.shape[-1]).float()  # x2d: [M, K]
         if self.rot_block:
             x2d = R._rotate_rows(x2d, self.rot_block, self.rot_signs)
-        s = (clip * x2d.abs().amax(1) / R.QMAX).clamp_min(1e-12)[:, None]  # s: [M, 1]
-        x_q = torch.clamp(torch.round(x2d / s), -R.QMAX, R.QMAX)
-        y = (x_q @ self.w_q.float().T) * s * self.w_scale[None, :]  # y: [M, N]
+        s = R._scale_from_absmax(clip * x2d.abs().amax(1))[:, None]  # s: [M, 1]
+        y = R.fake_quantize(x2d, s) @ self.w_q.float().T * self.w_scale[None, :]  # y: [M, N]
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], -1)

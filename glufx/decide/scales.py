@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..calibdata import is_causal_lm
 from ..lower import Lowering
 from ..ops import reference as R
+from .qfem import _first_tensor
 
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(17))  # 1.0, 0.95, ..., 0.2
 
@@ -147,14 +148,15 @@ def block_calls(ctx, block_fqn: str, batches: list) -> list[tuple]:
 
 @torch.no_grad()
 def _block_output(block: nn.Module, call) -> torch.Tensor:
-    from .qfem import _first_tensor
-
     args, kwargs, valid = call
     out = _first_tensor(block(*args, **_fresh(kwargs))).float()  # out: [B, T, D]
     return out[valid] if valid is not None and valid.shape == out.shape[:2] else out.reshape(-1, out.shape[-1])
 
 
-def _per_token_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+def block_error(block: nn.Module, calls: list[tuple], refs: list[torch.Tensor]) -> float:
+    """Mean over positions of ||y_q - y||^2 / ||y||^2: the block (as it now is) run on `calls` against
+    the FP outputs `refs`."""
+    outs = [_block_output(block, c) for c in calls]
     num = torch.cat([(o - r).square().sum(-1) / r.square().sum(-1).clamp_min(1e-30) for o, r in zip(outs, refs)])
     return float(num.mean())
 
@@ -211,7 +213,7 @@ def _search_block(ctx, blk: str, groups: dict, batches: list, grid: tuple, passe
                 for c in grid:
                     for f in fs:
                         lowering.int8[f].x_scale.fill_(c * absmax / R.QMAX)
-                    errors[c] = _per_token_error([_block_output(block, call) for call in calls], refs)
+                    errors[c] = block_error(block, calls, refs)
                 best = min(errors, key=errors.get)
                 for f in fs:
                     lowering.int8[f].x_scale.fill_(best * absmax / R.QMAX)

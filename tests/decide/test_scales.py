@@ -5,9 +5,14 @@ import copy
 import types
 
 import pytest
+import torch
 
 import glufx
-from glufx.decide.scales import CLIP_GRID, repeated_block
+from glufx.calibdata import Batch
+from glufx.decide.scales import CLIP_GRID, _block_output, block_calls, block_error, repeated_block
+from glufx.lower import Lowering
+from glufx.prefix import PrefixedLM, compute_prefix_kv
+from glufx.transforms import apply_transforms
 from conftest import CFG, tiny_model
 
 
@@ -35,16 +40,13 @@ def test_clip_search_records_its_choice_and_beats_absmax(calib_ids):
 
 def _block_error(model, fqns, plan, scales, calls, block, refs):
     """The block's per-token output error with `fqns` quantized at `scales` (fqn -> x_scale)."""
-    from glufx.decide.scales import _block_output, _per_token_error
-    from glufx.lower import Lowering
-
     kept = {f: plan.modules[f].x_scale for f in fqns}
     for f in fqns:
         plan.modules[f].x_scale = scales[f]
     lowering = Lowering(model, plan, fqns)
     try:
         lowering.apply(fqns)
-        return _per_token_error([_block_output(block, c) for c in calls], refs)
+        return block_error(block, calls, refs)
     finally:
         lowering.apply([])
         for f, s in kept.items():
@@ -52,10 +54,6 @@ def _block_error(model, fqns, plan, scales, calls, block, refs):
 
 
 def test_repeated_block_is_the_outermost_module_list_element():
-    import torch
-
-    from glufx.decide.scales import repeated_block
-
     model = tiny_model("mixtral")
     assert repeated_block(model, "model.layers.1.mlp.down_proj") == "model.layers.1"
     assert repeated_block(model, "model.layers.0.self_attn.q_proj") == "model.layers.0"
@@ -68,12 +66,6 @@ def test_block_search_replays_the_block_and_lowers_its_output_error(family, cali
     """The block's inputs are replayed exactly (a QFeP prefix's cache included: gemma3's static recipe
     has one), every group's clip is recorded with the block it was measured in, and the searched clips
     give each block a lower output error than clip_search's."""
-    import torch
-
-    from glufx.calibdata import Batch
-    from glufx.decide.scales import _block_output, block_calls
-    from glufx.prefix import PrefixedLM, compute_prefix_kv
-
     model = tiny_model(family)
     cfg = dict(**CFG, granularity="static", qfem="off")
     plans = {m: glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**cfg, scales=m))
@@ -91,9 +83,6 @@ def test_block_search_replays_the_block_and_lowers_its_output_error(family, cali
         assert len({m.x_scale for m in static if m.group == group}) == 1
 
     # the plan's transforms applied to a copy, as calibration saw the model; QFeP runs it behind its prefix
-    from glufx.transforms import apply_transforms
-
-
     work = copy.deepcopy(model)
     apply_transforms(work, plan)
     if family == "gemma3":
