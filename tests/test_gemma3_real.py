@@ -148,9 +148,11 @@ def test_vllm_runs_gemma_exports_as_glufx_does(gemma, results, static, tmp_path)
     tok, windows = gemma[1], results["windows"]
     prompts = [tok(t).input_ids for t in PROMPTS]
     rtn = glufx.compile(copy.deepcopy(gemma[0]), plan=results["rtn_plan"])
-    # (what is exported, the model glufx runs for it, relative tolerance)
-    checks = {"per-token RTN": (rtn, rtn, 1e-2), "static, prefix dropped": (static["model"], static["model"].model, 5e-3)}
-    for label, (exported, model, rel) in checks.items():
+    # (what is exported, the model glufx runs for it, relative tolerance, whether some prompt must be continued
+    # identically for all its tokens)
+    checks = {"per-token RTN": (rtn, rtn, 1e-2, True),
+              "static, prefix dropped": (static["model"], static["model"].model, 5e-3, False)}
+    for label, (exported, model, rel, one_identical) in checks.items():
         ours_ppl = perplexity(model, windows, progress=False, first_scored=2)
         directory = tmp_path / label.replace(" ", "_").replace(",", "")
         glufx.save_pretrained(exported, directory, format="compressed-tensors", drop_prefix=True)
@@ -175,12 +177,16 @@ def test_vllm_runs_gemma_exports_as_glufx_does(gemma, results, static, tmp_path)
         # fibonacci prompt's first token vLLM's per-token model picks '    """' where glufx and FP32 both prefer
         # '    if' by 1.8 and 1.6 nats: one position where the two engines' INT8 roundings part. On an AMX Xeon
         # (static plan judged on 12 held-out sequences): per-token [16, 8, 16, 1], margins 0.10 and 1.10;
-        # static [4, 16, 2, 1], margins 0.18, 0.10, 0.04
+        # static [4, 16, 2, 1], margins 0.18, 0.10, 0.04. On an AMD EPYC with AVX-512 VNNI (same plan): per-token
+        # [16, 8, 16, 1], margins -0.08 and 1.79; static [5, 6, 2, 1], margins 0.17, 0.11, 0.09, 0.45.
         # Two correct INT8 engines part only at near-ties of the model they both run: every divergence is a
         # token glufx itself ranks within NEAR_TIE_NATS of its own choice (a wrong model parts at the first
-        # token by many nats), and some prompt is continued identically for all tokens
+        # token by many nats). Per-token round-to-nearest also continues some prompt identically on every CPU
+        # measured; the static plan without its prefix has near-ties in every prompt, so whether one survives
+        # 16 tokens depends on the CPU's floating-point order (its perplexity bound above is the tighter check).
         assert max(margins, default=0.0) <= NEAR_TIE_NATS, margins
-        assert any(a == GREEDY_TOKENS for a in agree), agree
+        if one_identical:
+            assert any(a == GREEDY_TOKENS for a in agree), agree
         if label == "per-token RTN":
             hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
             loaded = perplexity(hf, windows[:4], progress=False, first_scored=2)
