@@ -200,6 +200,7 @@ def _search_block(ctx, blk: str, groups: dict, batches: list, grid: tuple, passe
     block = ctx.model.get_submodule(blk)
     calls = block_calls(ctx, blk, batches)
     refs = [_block_output(block, c) for c in calls]  # the FP block's output: what each candidate is held to
+    tokens = sum(int(r.shape[0]) for r in refs)
     fqns = [f for fs in groups.values() for f in fs]
     for f in fqns:  # Lowering quantizes with the plan's scale
         ctx.plan.modules[f].x_scale = out[f]["x_scale"]
@@ -215,10 +216,10 @@ def _search_block(ctx, blk: str, groups: dict, batches: list, grid: tuple, passe
                         lowering.int8[f].x_scale.fill_(c * absmax / R.QMAX)
                     errors[c] = block_error(block, calls, refs)
                 best = min(errors, key=errors.get)
+                scale = best * absmax / R.QMAX
                 for f in fs:
-                    lowering.int8[f].x_scale.fill_(best * absmax / R.QMAX)
-                    out[f].update(clip=best, x_scale=best * absmax / R.QMAX, error=errors[best],
-                                  error_unclipped=errors.get(1.0), block=blk,
-                                  tokens=sum(int(r.shape[0]) for r in refs))
+                    lowering.int8[f].x_scale.fill_(scale)
+                    out[f].update(clip=best, x_scale=scale, error=errors[best], error_unclipped=errors.get(1.0),
+                                  block=blk, tokens=tokens)
     finally:
         lowering.apply([])
