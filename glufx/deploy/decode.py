@@ -11,7 +11,7 @@ dispatcher work and fuses the elementwise arithmetic around glufx's ops.
 How: transformers' `generate()` already compiles its decode forward when the cache is static and the
 model's `generation_config.compile_config` says so; on CPU it must be told (`_compile_all_devices`).
 The step goes through glufx's own torch.compile backend, with Inductor's wrapper (the code calling the
-step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Three things transformers' traced step does
+step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Four things transformers' traced step does
 that cost more than the arithmetic, and what glufx does instead:
 - a full sliding window is rolled by one slot per step (two window-sized copies per layer): glufx's
   static caches keep a full window as a ring (RingSlidingWindowLayer);
@@ -25,6 +25,9 @@ that cost more than the arithmetic, and what glufx does instead:
   sums run in another order and INT8 codes can flip), and both are valid W8A8 results; docs/decode.md
   measures how far each lands from eager glufx. `exact=True` keeps each step's logits equal to the traced
   graph run without Inductor, bit for bit.
+- dynamo checks its guards before every step, most of them on the model's modules and tensors (1.3 ms
+  of a 10 ms Gemma 3 270M step): glufx skips those and checks the same things once per generate() call
+  (`_compiled_step`, `model_fingerprint`), in a step function of this model's own.
 A floating-point model takes plain Inductor. Positions are not specialised: transformers keeps a
 sliding-window layer's length as a Python int, which the first decode step specialises and the second
 makes dynamic; a window that fills takes its other branch once more. So a generation compiles two or
@@ -35,6 +38,7 @@ cache that already holds the prefix's floating-point keys and values (prefix.py)
 """
 from __future__ import annotations
 
+import itertools
 import types
 from typing import Optional
 
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
-from ..nn import Int8GLU, Int8Linear
+from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
 from ..prefix import as_prefixed
 
 PACKED_GQA_SDPA = "glufx_sdpa"  # the attention implementation compile_decode switches an "sdpa" model to
@@ -173,6 +177,50 @@ def _prepare_ring_static_cache(self, *args, **kwargs):
     return ring_sliding_windows(cache, self.config)
 
 
+_step_names = itertools.count()
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def model_fingerprint(lm: nn.Module) -> int:
+    """What dynamo's guards on a model check, taken at once: every module's identity, class and plain
+    attributes (`training`, a linear's granularity...), every parameter's and buffer's identity, dtype, shape and
+    device, and the config's plain attributes. Values are not in it: a compiled step reads parameters and buffers
+    as inputs, so editing them in place needs no new graph. About 1 ms on Gemma 3 270M (~600 modules)."""
+    parts = []
+    configs = (getattr(lm, "config", None), getattr(getattr(lm, "config", None), "text_config", None))
+    for cfg in configs:
+        if cfg is not None:
+            parts.append((id(cfg), tuple((k, v) for k, v in vars(cfg).items() if isinstance(v, _SCALARS))))
+    for name, mod in lm.named_modules(remove_duplicate=False):
+        parts.append((name, id(mod), type(mod), tuple((k, v) for k, v in vars(mod).items() if isinstance(v, _SCALARS))))
+        for key, t in itertools.chain(mod._parameters.items(), mod._buffers.items()):
+            parts.append((key, None) if t is None else (key, id(t), t.dtype, tuple(t.shape), t.device))
+    return hash(tuple(parts))
+
+
+def _compiled_step(self, compile_config):
+    """transformers' `get_compiled_call` for a compile_decode model (called once per generate()): the compiled
+    step of this model, compiled anew when the model or the config changed since it was made.
+
+    Why: dynamo checks its guards before every step, and on a model most of them are on modules, parameters and
+    buffers (about 5000 on Gemma 3 270M: 1.3 ms of a 10 ms step at two threads, profiled). compile_decode drops
+    those guards (`skip_module_guards`) and checks the same things here, once per generation
+    (`model_fingerprint`). Dynamo keeps compiled graphs per code object, and transformers compiles
+    `self.__call__`, one code object shared by every nn.Module: so the step here is a function with a code
+    object of its own, and graphs compiled without module guards can never run another model's call."""
+    fingerprint = model_fingerprint(self)
+    held = self.__dict__.get("_glufx_step")
+    if held is None or held[0] != compile_config or held[1] != fingerprint:
+        lm = self
+
+        def step(*args, **kwargs):
+            return lm(*args, **kwargs)
+        step.__code__ = step.__code__.replace(co_name=f"glufx_decode_step_{next(_step_names)}")
+        held = (compile_config, fingerprint, torch.compile(step, **compile_config.to_dict()))
+        self._glufx_step = held
+    return held[2]
+
+
 def unpadded(attention_mask: Optional[torch.Tensor]) -> bool:
     """Whether a generation's padding mask is all ones. A ring holds its slots out of position order, and a
     padding mask is laid out in position order: a padded batch keeps transformers' rolled windows."""
@@ -190,7 +238,7 @@ def language_model(model: nn.Module) -> nn.Module:
 
 
 def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exact: bool = False,
-                   backend: Optional[str] = None, skip_module_guards: bool = False,
+                   backend: Optional[str] = None, skip_module_guards: bool = True,
                    cpp_wrapper: bool = True) -> nn.Module:
     """Make `model.generate()` decode with a static KV cache and a compiled single-token step; returns `model`.
 
@@ -204,10 +252,11 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     `cpp_wrapper`: Inductor writes the code that calls the step's kernels as C++, not Python: the first
     compile takes longer (a C++ build), each step saves the Python work of a few hundred kernel calls
     (Gemma 3 270M, two threads: 48.5 -> 53 tok/s, docs/decode.md).
-    `skip_module_guards`: before each step dynamo re-checks every module attribute and buffer the graph
-    read (1.3-1.6 ms of a ~30 ms Gemma 3 270M step at one thread, profiled); True drops those checks
-    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`), which is right only while the model is left
-    as it is after this call: no `.to()`, no swapped modules or reassigned buffers.
+    `skip_module_guards` (default True): dynamo's guards on the model's modules, parameters and buffers are
+    not checked before each step (1.3 ms of a 10 ms Gemma 3 270M step at two threads); the same things are
+    checked once per generate() call instead (`model_fingerprint`: identities, classes, plain attributes, dtypes,
+    shapes, devices), and a model changed since its step was compiled (`.to()`, a swapped module, a reassigned
+    buffer, `.train()`) compiles a new one. False keeps dynamo's guards on every step.
 
     Besides its generation config, the model changes in two ways (module doc): an "sdpa" model's attention
     implementation becomes "glufx_sdpa" (the same arithmetic, eager or compiled; only a single query's GQA
@@ -219,7 +268,7 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     if next(lm.parameters()).device.type != "cpu":
         raise NotImplementedError("glufx.compile_decode: glufx's kernels run on CPU in this build; move the model "
                                   "to CPU first")
-    quantized = any(isinstance(m, (Int8Linear, Int8GLU)) for m in lm.modules())
+    quantized = any(isinstance(m, (Int8Linear, Int8GLU, Int8WeightLinear)) for m in lm.modules())
     backend = backend or ("glufx" if quantized else "inductor")
     if backend not in ("glufx", "inductor"):
         raise ValueError(f"glufx.compile_decode: backend must be 'glufx' or 'inductor', got {backend!r}")
@@ -239,6 +288,7 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     _use_packed_gqa_sdpa(lm)
     lm.generation_config.cache_implementation = "static"
     lm.generation_config.compile_config = config
+    lm.get_compiled_call = types.MethodType(_compiled_step, lm)  # a deepcopy rebinds it to the copy
     return model
 
 

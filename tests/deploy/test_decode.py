@@ -112,12 +112,59 @@ def test_skipping_module_guards_changes_no_output(calib_ids):
     model = _quantized("llama", calib_ids)
     ids = calib_ids[:1, :7]
     torch._dynamo.reset()
-    guarded = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 6)
+    guarded = _generate(glufx.compile_decode(copy.deepcopy(model), skip_module_guards=False), ids, 6)
     torch._dynamo.reset()
-    unguarded = glufx.compile_decode(copy.deepcopy(model), skip_module_guards=True)
+    unguarded = glufx.compile_decode(copy.deepcopy(model))  # the default skips them
+    assert unguarded.generation_config.compile_config.options["guard_filter_fn"] is not None
     out = _generate(unguarded, ids, 6)
     assert torch.equal(out.sequences, guarded.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, guarded.logits))
+
+
+def _swap_o_proj(model, seed):
+    """A structural change dynamo's skipped module guards would have caught: layer 0's o_proj becomes a
+    floating-point nn.Linear with other weights."""
+    attn = model.model.layers[0].self_attn
+    old = attn.o_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    torch.nn.init.normal_(new.weight, std=0.2, generator=torch.Generator().manual_seed(seed))
+    attn.o_proj = new
+
+
+def test_a_changed_model_compiles_a_new_step(calib_ids):
+    """The module guards compile_decode skips are checked once per generate() (model_fingerprint): a model
+    changed after its step compiled decodes as a fresh compile of the changed model does, not with the stale graph."""
+    model = _quantized("llama", calib_ids)
+    ids = calib_ids[:1, :7]
+    torch._dynamo.reset()
+    compiled = glufx.compile_decode(copy.deepcopy(model))
+    before = _generate(compiled, ids, 4)
+    _swap_o_proj(compiled, seed=1)
+    after = _generate(compiled, ids, 4)
+    changed = copy.deepcopy(model)
+    _swap_o_proj(changed, seed=1)
+    torch._dynamo.reset()
+    ref = _generate(glufx.compile_decode(changed, skip_module_guards=False), ids, 4)
+    assert torch.equal(after.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, ref.logits))
+    assert not torch.equal(after.logits[1], before.logits[1])  # the change is visible in the compiled steps
+
+
+def test_two_models_never_share_a_step(calib_ids):
+    """Two models of one architecture, same cache shapes, different modules: with module guards skipped, each
+    still runs its own graphs (each compiled step has a code object of its own)."""
+    model = _quantized("llama", calib_ids)
+    ids = calib_ids[:1, :7]
+    other = copy.deepcopy(model)
+    _swap_o_proj(other, seed=2)
+    torch._dynamo.reset()
+    ref = _generate(glufx.compile_decode(copy.deepcopy(other), skip_module_guards=False), ids, 4)
+    torch._dynamo.reset()
+    first, second = glufx.compile_decode(model), glufx.compile_decode(other)
+    _generate(first, ids, 4)
+    out = _generate(second, ids, 4)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
 
 
 def test_ring_window_holds_the_rolled_windows_keys():
