@@ -1,5 +1,6 @@
 """Gemma 3 270M prefill and decode at 1 and 2 threads: FP32, glufx eager, glufx with a compiled decode step
-(glufx.compile_decode), and llama.cpp Q8_0 when llama-cpp-python is installed, in one process.
+(glufx.compile_decode), the same with the linears QFeM keeps in FP32 holding INT8 weights
+(GlufxConfig(fp_weights="int8"), "w8fp"), and llama.cpp Q8_0 when llama-cpp-python is installed, in one process.
 
     python -m pytest benchmarks/bench_decode.py -q -s      # prints one table of tokens/s and ratios
 
@@ -56,16 +57,20 @@ def models():
     plan = glufx.calibrate(model, str(files("glufx") / "resources" / "calib_openwebtext.jsonl"), cfg, tokenizer=tok)
     quantized = glufx.compile(copy.deepcopy(model), plan=plan)
     compiled = glufx.compile_decode(glufx.compile(copy.deepcopy(model), plan=plan))
-    return {"fp32": model, "glufx_eager": quantized, "glufx_compiled": compiled, "tokenizer": tok}
+    # the same plan with the 8 linears QFeM keeps in FP32 holding INT8 weights (GlufxConfig(fp_weights="int8"))
+    w8 = glufx.Plan.from_dict({**plan.to_dict(), "config": {**plan.config, "fp_weights": "int8"}}, plan.tensors)
+    compiled_w8 = glufx.compile_decode(glufx.compile(copy.deepcopy(model), plan=w8))
+    return {"fp32": model, "glufx_eager": quantized, "glufx_compiled": compiled, "glufx_compiled_w8fp": compiled_w8,
+            "tokenizer": tok}
 
 
 def weight_bytes(model) -> int:
     """Bytes of linear weights one decode step reads (the tied embedding counts once, as lm_head)."""
-    from glufx.nn import Int8GLU, Int8Linear
+    from glufx.nn import Int8GLU, Int8Linear, Int8WeightLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, (Int8Linear, Int8WeightLinear)):
             total += m.w_q.numel() + 4 * m.w_scale.numel()
         elif isinstance(m, Int8GLU):
             total += 2 * (m.gate_w_q.numel() + 4 * m.gate_w_scale.numel())
@@ -214,7 +219,7 @@ def _llama_case(llm, case: str):
     return decode
 
 
-SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "llama_cpp_q8_0")
+SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "glufx_compiled_w8fp", "llama_cpp_q8_0")
 _llama: dict = {}
 
 
@@ -238,6 +243,8 @@ def test_decode_speed(benchmark, models, case, threads):
     torch.set_num_threads(threads)
     try:
         if _llama.get("threads") != threads:
+            # Inductor fixes a kernel's thread count when it generates it: one compilation per thread count
+            torch._dynamo.reset()
             try:
                 _llama.update(threads=threads, llm=_llama_cpp(threads))
             except pytest.skip.Exception as e:
@@ -249,11 +256,6 @@ def test_decode_speed(benchmark, models, case, threads):
                     runs[system], weights[system] = _llama_case(_llama["llm"], case), Q8_GGUF.stat().st_size
                 continue
             model = models[system]
-            if system == "glufx_compiled" and getattr(model, "_glufx_bench_threads", None) != threads:
-                # Inductor fixes a kernel's thread count when it generates it: one compilation per thread count
-                torch._dynamo.reset()
-                model.__dict__.pop("_compiled_call", None)
-                model._glufx_bench_threads = threads
             runs[system], weights[system] = _hf_case(model, case), weight_bytes(model)
         times = {system: [] for system in runs}
 

@@ -98,13 +98,15 @@ def _speed_table(tr, speed, byte_counts, stream) -> None:
     tr.write_line("Gemma 3 270M, tokens/s (median of 5 rounds, every system in each round); ratios: glufx compiled / "
                   "baseline (> 1: glufx faster)")
     tr.write_line(f"{'case':>9} {'thr':>3} " + "".join(f"{s:>16}" for s in systems)
-                  + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}")
+                  + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}{'w8fp vs llama.cpp':>19}")
     for (case, th), d in sorted(speed.items(), key=lambda kv: (["pp512", "tg32", "tg32@512"].index(kv[0][0]), kv[0][1])):
         g = d.get("glufx_compiled") if case != "pp512" else d.get("glufx_eager")  # prefill runs eager in generate()
         ratio = lambda b: f"{g / d[b]:.2f}x" if g and d.get(b) else "-"  # noqa: E731
         tr.write_line(f"{case:>9} {th:>3} " + "".join(f"{d[s]:16.1f}" if s in d else f"{'-':>16}" for s in systems)
                       + f"{ratio('glufx_eager') if case != 'pp512' else '-':>10}{ratio('fp32'):>9}"
-                      f"{ratio('llama_cpp_q8_0'):>14}")
+                      f"{ratio('llama_cpp_q8_0'):>14}"
+                      + (f"{d['glufx_compiled_w8fp'] / d['llama_cpp_q8_0']:.2f}x" if case != "pp512" and
+                         d.get("glufx_compiled_w8fp") and d.get("llama_cpp_q8_0") else "-").rjust(19))
     tr.write_line("(pp512: glufx eager, which is what generate() runs for a prompt; the compiled step is decode's)")
     if byte_counts:
         tr.write_line("decode as effective bandwidth: weight bytes per token x tokens/s (tg32), GB/s; "

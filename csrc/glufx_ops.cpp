@@ -21,6 +21,9 @@ TORCH_LIBRARY(glufx, m) {
   m.def(
       "int8_glu(Tensor x, Tensor w_gate, Tensor s_gate, Tensor w_up, Tensor s_up, str activation, "
       "Tensor? x_scale=None, int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor");
+  // Weight-only INT8: x stays floating point, y = x (w_scale * w_q)^T + bias (csrc/cpu/weight_only.cpp); for
+  // the linears QFeM keeps out of INT8 activations, with GlufxConfig(fp_weights="int8").
+  m.def("int8_weight_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // Online rotation of the input (rot_block > 0): x' = H_b (rot_signs * x), the block-diagonal
   // Walsh-Hadamard transform of blocks of rot_block features, then quantized; the weights carry the
   // inverse (glufx/rotate.py). hadamard is that transform alone.

@@ -10,14 +10,14 @@ from .config import GlufxConfig
 from .deploy import aoti_package, compile_decode, export, load, save, save_pretrained, to_torchao
 from .deploy.hf_quantizer import register as _register_hf_quantizer
 from .lower import PlanMismatchError, counters, lower
-from .nn import Int8GLU, Int8Linear
+from .nn import Int8GLU, Int8Linear, Int8WeightLinear
 from .observe import CalibrationError
 from .plan import ModulePlan, Plan
 from .recipe import (DecideGranularity, DecideQFeM, DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate,
                      RoundWeights, Stage, Transform)
 from .stats import Statistics
 
-__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "calibrate", "compile", "lower", "counters",
+__all__ = ["GlufxConfig", "Plan", "ModulePlan", "Int8Linear", "Int8GLU", "Int8WeightLinear", "calibrate", "compile", "lower", "counters",
            "check_model", "NoGLUError", "CalibrationError", "PlanMismatchError", "prefixed", "compile_decode", "export", "aoti_package",
            "save", "load", "save_pretrained", "to_torchao", "Recipe", "Stage", "Observe", "Transform", "DecideQFeP", "DecideGranularity",
            "DecideScales", "DecideQFeM", "DecideTarget", "Rotate", "RoundWeights", "Statistics"]

@@ -97,6 +97,8 @@ def cmd_quantize(args) -> int:
         options["rotation"] = args.rotation
     if args.weights is not None:
         options["weights"] = args.weights
+    if args.fp_weights is not None:
+        options["fp_weights"] = args.fp_weights
     try:
         config = glufx.GlufxConfig(**options)
     except ValueError as e:
@@ -258,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, choices=["rtn", "gptq"],
                    help="weight rounding: rtn (round to nearest, default) or gptq (error-compensating, kept per module "
                         "where it lowers held-out output error; not with --target)")
+    q.add_argument("--fp-weights", default=None, choices=["fp", "int8"],
+                   help="weights of the linears kept in floating-point activations: fp (as they are, default) or int8 "
+                        "(per-channel INT8, activations still FP: a quarter of the bytes a decode step reads for them; "
+                        "glufx format only)")
     q.add_argument("--format", default="glufx", choices=["glufx", "compressed-tensors"],
                    help="glufx: read by glufx.load and transformers' from_pretrained (default); compressed-tensors: "
                         "read by vLLM (docs/deploy.md)")

@@ -10,6 +10,8 @@ from .recipe import (QFEM_MODES, QFEM_ORDERS, ROTATIONS, SCALE_METHODS, TARGET_M
                      DecideQFeP, DecideScales, DecideTarget, Observe, Recipe, Rotate, Transform)
 from .recipe import QFEP_METHODS as _PREFIX_METHODS
 
+FP_WEIGHTS = ("fp", "int8")  # what the linears with floating-point activations store as weights
+
 CONFIG_VERSION = 1
 QFEP_METHODS = ("auto", "off") + _PREFIX_METHODS
 # "auto": glufx's best measured choice for the granularity (README, "What each technique contributes"):
@@ -45,6 +47,10 @@ class GlufxConfig:
     # "auto" (AUTO_QFEP: paper for static scales, off otherwise; off for models without a KV cache)
     qfep: str = "auto"
     quantize_lm_head: bool = False  # the paper keeps lm_head in FP
+    # the weights of the linears kept out of INT8 activations (QFeM's, an FP lm_head): "fp" keeps them as they
+    # are (the paper); "int8" stores them per-channel INT8 while their activations stay floating point
+    # (glufx::int8_weight_linear: a quarter of an FP32 weight's bytes, what a decode step reads; docs/decode.md)
+    fp_weights: str = "fp"
     # run gate, up, activation and product of each GLU module as one op (glufx::int8_glu_packed;
     # same outputs as unfused, one activation quantization and one pass over both weights)
     fuse_glu: bool = False
@@ -89,6 +95,8 @@ class GlufxConfig:
             raise ValueError(f"GlufxConfig.rotation={self.rotation!r}; choose one of {ROTATIONS}")
         if self.scales not in SCALE_METHODS:
             raise ValueError(f"GlufxConfig.scales={self.scales!r}; choose one of {SCALE_METHODS}")
+        if self.fp_weights not in FP_WEIGHTS:
+            raise ValueError(f"GlufxConfig.fp_weights={self.fp_weights!r}; choose one of {FP_WEIGHTS}")
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"GlufxConfig.weights={self.weights!r}; choose one of {WEIGHT_METHODS}")
         if self.transform not in TRANSFORMS + ("auto",):

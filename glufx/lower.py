@@ -2,7 +2,8 @@
 
 `lower(model, plan)` checks the plan against the model (every module exists, with the plan's shapes)
 before changing anything, applies the plan's equivalence transforms (glufx/transforms.py), swaps each
-linear planned "int8" for an `Int8Linear` and, with `fuse_glu`, each fusable GLU module for an
+linear planned "int8" for an `Int8Linear` (and, with `fp_weights="int8"`, each planned "fp" for an
+`Int8WeightLinear`) and, with `fuse_glu`, each fusable GLU module for an
 `Int8GLU`. `glufx.compile`, `glufx.load` (skeleton modules whose state the file fills), QFeM's search
 (`Lowering`, which quantizes each candidate once and swaps modules in and out) and the torch.compile
 backend (`lower_weights`, the same per-module lowering on a graph's weight tensors) all go through it.
@@ -18,7 +19,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .nn import FLOAT_DTYPES, Int8GLU, Int8Linear
+from .nn import FLOAT_DTYPES, Int8GLU, Int8Linear, Int8WeightLinear
 from .plan import ModulePlan, Plan
 from .rotate import rotation_of
 from .transforms import apply_transforms
@@ -131,9 +132,33 @@ def lower(model: nn.Module, plan: Plan, *, skeleton: bool = False) -> nn.Module:
         model.set_submodule(fqn, _lower_module(mod, mp, plan.tensors, skeleton))
         counters["int8_linear"] += 1
         counters[f"int8_linear.{mp.role}"] += 1
+    if plan.config.get("fp_weights", "fp") == "int8":
+        lower_fp_weights(model, plan, skeleton)
     if plan.config.get("fuse_glu"):
         fuse_glu_blocks(model, plan)
     return model
+
+
+def lower_fp_weights(model: nn.Module, plan: Plan, skeleton: bool = False) -> int:
+    """GlufxConfig(fp_weights="int8"): each linear the plan keeps in floating point ("fp") gets per-channel INT8
+    weights, its activations staying FP (Int8WeightLinear)."""
+    n = 0
+    for fqn, mp in plan.modules.items():
+        mod = model.get_submodule(fqn)
+        if mp.action != "fp" or isinstance(mod, Int8WeightLinear):
+            continue
+        why = quantizable(mod)
+        if why is not None:
+            counters["fp_weights_kept"] += 1  # an expert bank or another non-linear module stays as it is
+            continue
+        if skeleton:
+            new = Int8WeightLinear(mod.in_features, mod.out_features, mod.bias is not None, mod.weight.dtype)
+        else:
+            new = Int8WeightLinear.from_float(mod.weight, mod.bias, what=fqn)
+        model.set_submodule(fqn, new)
+        counters["int8_weight_linear"] += 1
+        n += 1
+    return n
 
 
 class Lowering:

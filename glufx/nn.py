@@ -111,6 +111,40 @@ class Int8Linear(nn.Module):
                f"act={self.granularity}" + (f", rotation=hadamard({self.rot_block})" if self.rot_block else "")
 
 
+class Int8WeightLinear(nn.Module):
+    """Weight-only INT8 linear: per-channel symmetric INT8 weight `w_q` [N, K] with scales `w_scale` [N], the
+    input kept in floating point (glufx::int8_weight_linear). For the linears whose activations stay FP
+    (QFeM's), with GlufxConfig(fp_weights="int8"): their weights are ordinary, their inputs spike."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], what: str = "a linear") -> "Int8WeightLinear":
+        _check_weight(weight, what)
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, weight.dtype)
+        m.w_q, m.w_scale = torch.ops.glufx.quantize_weight(weight.detach())
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        return torch.ops.glufx.int8_weight_linear(x, self.w_q, self.w_scale, self.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.w_q.float() * self.w_scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               "act=fp (weight-only INT8)"
+
+
 class Int8GLU(nn.Module):
     """A GLU feed-forward block, down(act(gate(x)) * up(x)), with gate and up in one INT8 op
     (glufx::int8_glu: x quantized once, both projections in one pass, the activation and the product

@@ -147,3 +147,62 @@ def test_old_format_directory_is_named(calib_ids, tmp_path):
     p.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="older glufx.*recalibrate"):
         glufx.load(tmp_path / "q")
+
+
+# ---- fp_weights="int8": weight-only INT8 for the linears kept in floating point --------------------------------
+
+def _fp_weight_plans(model, ids, **kw):
+    int8 = glufx.calibrate(model, ids, glufx.GlufxConfig(**CFG, fp_weights="int8", **kw))
+    fp = glufx.Plan.from_dict({**int8.to_dict(), "config": {**int8.config, "fp_weights": "fp"}}, int8.tensors)
+    return int8, fp
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fp_weights_int8_lowers_every_kept_linear(family, calib_ids):
+    """Each linear the plan keeps in FP becomes an Int8WeightLinear holding the per-channel INT8 weight of the
+    (transformed) FP weight, and the model computes what the FP-weight plan computes with those weights rounded
+    (its quality on a real model: docs/decode.md)."""
+    model = tiny_model(family)
+    plan, fp_plan = _fp_weight_plans(model, calib_ids)
+    kept = plan.kept_fp(decoder_only=False)
+    assert kept, "the tiny model's plan keeps no linear in FP: nothing under test"
+    before = counters["int8_weight_linear"]
+    q = glufx.compile(copy.deepcopy(model), plan=plan)
+    assert counters["int8_weight_linear"] - before == len(kept)
+    assert sorted(n for n, m in q.named_modules() if isinstance(m, glufx.Int8WeightLinear)) == sorted(kept)
+    ref = glufx.compile(copy.deepcopy(model), plan=fp_plan)
+    with torch.no_grad():
+        for fqn in kept:  # the FP-weight plan with those weights rounded to their INT8 grid (a new linear: a
+            linear, mod = ref.get_submodule(fqn), q.get_submodule(fqn)  # tied lm_head shares the embedding's weight)
+            assert torch.equal(mod.w_q, torch.ops.glufx.quantize_weight(linear.weight)[0])
+            rounded = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            rounded.weight.copy_(mod.dequantized_weight())
+            if linear.bias is not None:
+                rounded.bias.copy_(linear.bias)
+            ref.set_submodule(fqn, rounded)
+        x = calib_ids[:3, :21]
+        a, b = q(input_ids=x).logits, ref(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
+
+
+def test_fp_weights_int8_saves_compiles_and_is_refused_by_compressed_tensors(calib_ids, tmp_path):
+    from glufx.deploy.compressed_tensors import ExportError, export_compressed_tensors
+
+    model = tiny_model("llama")
+    plan, _ = _fp_weight_plans(model, calib_ids)
+    q = glufx.compile(copy.deepcopy(model), plan=plan)
+    x = calib_ids[:2, :17]
+    with torch.no_grad():
+        ref = q(input_ids=x, use_cache=False).logits
+    glufx.save(q, tmp_path / "q")
+    loaded = glufx.load(tmp_path / "q")
+    assert sum(isinstance(m, glufx.Int8WeightLinear) for m in loaded.modules()) == len(plan.kept_fp(decoder_only=False))
+    torch._dynamo.reset()
+    graph = torch.compile(glufx.prefixed(model, plan), backend="glufx", options={"plan": plan, "inductor": False})
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x, use_cache=False).logits, ref)
+        assert torch.equal(graph(input_ids=x, use_cache=False).logits, ref)  # the backend lowers them the same way
+    with pytest.raises(ExportError, match=r"fp_weights='fp'"):
+        export_compressed_tensors(q, tmp_path / "ct")
+    with pytest.raises(ValueError, match="fp_weights"):
+        glufx.GlufxConfig(fp_weights="int4")

@@ -26,7 +26,7 @@ from torch import fx
 
 from ..lower import gate_up_fusable, lower_weights
 from ..match import is_linear, match_graph, module_fqn, projection_input
-from ..nn import Int8Linear
+from ..nn import Int8Linear, Int8WeightLinear
 from ..ops.schema import GRANULARITIES
 from ..plan import Plan
 from ..transforms import plan_transform_state
@@ -92,36 +92,46 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, example_inputs: list, plan: Plan) -
     value_of = {n: v for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)}
     nodes = {n.name: n for n in gm.graph.nodes}
     lowered: dict[str, tuple[str, Int8Linear]] = {}  # linear node name -> (planned FQN, its lowered module)
+    weight_only: dict[str, tuple[str, Int8WeightLinear]] = {}  # fp_weights="int8": the FP-activation linears
+    fp_weights = plan.config.get("fp_weights", "fp") == "int8"
     n_rewritten, skipped = 0, []
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and is_linear(node)) or projection_input(node) is None:
             continue
         key = _plan_key(module_fqn(node) or "", plan)
-        if key is None or plan.modules[key].action != "int8":
+        if key is None or not (plan.modules[key].action == "int8" or (fp_weights and plan.modules[key].action == "fp")):
             continue
         x, w, b = _linear_args(node)
         weight, bias = value_of.get(w), value_of.get(b) if b is not None else None
         if not isinstance(weight, torch.Tensor) or (b is not None and not isinstance(bias, torch.Tensor)):
             skipped.append(key)  # computed in the graph: nothing to quantize ahead of time
             continue
+        if plan.modules[key].action == "fp":
+            weight_only[node.name] = (key, Int8WeightLinear.from_float(weight, bias, what=key))
+            continue
         lowered[node.name] = (key, _lowered(key, weight, bias, plan))
 
     fused = _fuse_glus(gm, plan, nodes, lowered) if plan.config.get("fuse_glu") else set()
-    for name, (key, mod) in lowered.items():
+    for name, (key, mod) in [*lowered.items(), *weight_only.items()]:
         if name in fused:
             continue
         node = nodes[name]
         prefix = "glufx_" + key.replace(".", "_")
         with gm.graph.inserting_before(node):
-            args = (node.args[0], _const(gm, prefix + "_w_q", mod.w_q), _const(gm, prefix + "_w_scale", mod.w_scale),
-                    _const(gm, prefix + "_bias", mod.bias), _const(gm, prefix + "_x_scale", mod.x_scale),
-                    GRANULARITIES[mod.granularity], _const(gm, prefix + "_rot_signs", mod.rot_signs), mod.rot_block)
-            new = gm.graph.call_function(torch.ops.glufx.int8_linear.default, args)
+            weights = (node.args[0], _const(gm, prefix + "_w_q", mod.w_q), _const(gm, prefix + "_w_scale", mod.w_scale),
+                       _const(gm, prefix + "_bias", mod.bias))
+            if isinstance(mod, Int8WeightLinear):
+                op, args = torch.ops.glufx.int8_weight_linear.default, weights
+            else:
+                op, args = torch.ops.glufx.int8_linear.default, (
+                    *weights, _const(gm, prefix + "_x_scale", mod.x_scale), GRANULARITIES[mod.granularity],
+                    _const(gm, prefix + "_rot_signs", mod.rot_signs), mod.rot_block)
+            new = gm.graph.call_function(op, args)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         n_rewritten += 1
-        counters["int8_linear"] += 1
+        counters["int8_weight_linear" if isinstance(mod, Int8WeightLinear) else "int8_linear"] += 1
     if skipped:
         counters["planned_not_lowered"] += len(skipped)
         warnings.warn(f"glufx backend: {len(skipped)} planned INT8 linear(s) stay in floating point because their "

@@ -92,6 +92,10 @@ def check_exportable(model: nn.Module, plan: Plan, drop_prefix: bool = False) ->
             "compressed-tensors has no place for it (an engine would compute the prefix's KV with the quantized "
             "model). Calibrate with GlufxConfig(qfep='off'), or pass drop_prefix=True to export the model without "
             "its prefix (docs/deploy.md measures what that costs)")
+    if plan.config.get("fp_weights", "fp") == "int8":
+        problems.append(f"the linears kept in floating point hold weight-only INT8 weights (fp_weights='int8'), a "
+                        f"scheme beside W8A8 this glufx does not write to {FORMAT}; calibrate with "
+                        "GlufxConfig(fp_weights='fp') (the default) or use glufx.save")
     linears = quantized_linears(inner, plan)
     for fqn, mp in plan.modules.items():
         if mp.action != "int8":

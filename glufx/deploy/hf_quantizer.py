@@ -67,11 +67,11 @@ def _classes():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..nn import Int8GLU, Int8Linear
+            from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
             from ..prefix import PrefixKV, attach_prefix
             from .serialize import attach_saved_statistics
 
-            missing = [f"{name}.{b}" for name, mod in model.named_modules() if isinstance(mod, (Int8Linear, Int8GLU))
+            missing = [f"{name}.{b}" for name, mod in model.named_modules() if isinstance(mod, (Int8Linear, Int8GLU, Int8WeightLinear))
                        for b, t in mod.named_buffers(recurse=False)
                        if t is not None and not getattr(t, "_is_hf_initialized", False)]
             if missing:

@@ -99,6 +99,13 @@ def _(x, w_q, w_scale, bias=None, x_scale=None, granularity=PER_SEQUENCE, rot_si
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
+@torch.library.register_fake("glufx::int8_weight_linear")
+def _(x, w_q, w_scale, bias=None):
+    torch._check(x.shape[-1] == w_q.shape[1], lambda: "glufx::int8_weight_linear: feature size differs from the weight's")
+    torch._check(w_scale.shape[0] == w_q.shape[0], lambda: "glufx::int8_weight_linear: one weight scale per output channel")
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
 @torch.library.register_fake("glufx::hadamard")
 def _(x, block, signs=None):
     return torch.empty_like(x)

@@ -125,6 +125,13 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     return y.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
 
 
+def int8_weight_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # x: [..., K] floating point, w_q: [N, K] -> [..., N] in x.dtype; the native kernel sums in another order
+    y = torch.nn.functional.linear(x.float(), w_q.float() * w_scale[:, None], None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
