@@ -138,6 +138,9 @@ def _check_engine_format(config, args) -> None:
     if dynamic and config.rotation != "off":
         raise UsageError("--format compressed-tensors cannot express glufx's online rotation of dynamic inputs; add "
                          "--rotation off (offline rotations folded into the weights are kept)")
+    if config.fp_weights != "fp":
+        raise UsageError("--format compressed-tensors does not carry the weight-only INT8 linears of --fp-weights int8; "
+                         "drop --fp-weights (the default keeps their floating-point weights) or use --format glufx")
     if config.resolved("qfep") != "off" and not args.drop_prefix:
         raise UsageError("--format compressed-tensors has no place for a QFeP prefix (static scales take one by "
                          "default); add --qfep off, or --drop-prefix to export the model without it")

@@ -74,6 +74,8 @@ def _has_lm_eval():
       "--granularity", "per_sequence"], "--granularity per_token"),
     (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--format", "compressed-tensors",
       "--granularity", "static"], "--qfep off, or --drop-prefix"),
+    (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--format", "compressed-tensors",
+      "--granularity", "static", "--qfep", "off", "--fp-weights", "int8"], "drop --fp-weights"),
     (["quantize", "{fp}", "--calib", "{calib}", "--out", "{tmp}/x", "--drop-prefix"], "applies to --format"),
     (["bench", "{fp}"], "not a glufx model directory"),
 ])
