@@ -28,6 +28,20 @@ def quantization_config_dict() -> dict:
             "plan_version": PLAN_VERSION}
 
 
+def untie_lowered(model) -> None:
+    """Drop transformers' tied-weight pairs whose module glufx replaced: a Gemma lm_head lowered to INT8 (W8A8 or
+    weight-only) holds its own INT8 weight, not the embedding's, and has no `weight` for from_pretrained to tie."""
+    from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
+
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not tied:
+        return
+    for target, source in list(tied.items()):
+        owners = [model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model for name in (target, source)]
+        if any(isinstance(m, (Int8Linear, Int8GLU, Int8WeightLinear)) for m in owners):
+            del tied[target]
+
+
 def _classes():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -64,6 +78,7 @@ def _classes():
                                         "the weights (write it with glufx.save)")
             self.plan = Plan.load(plan_path)
             lower(model, self.plan, skeleton=True)  # empty INT8 modules on the meta device; the file fills them
+            untie_lowered(model)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

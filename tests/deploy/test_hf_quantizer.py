@@ -36,6 +36,24 @@ def test_from_pretrained_is_glufx_load(family, qfep, fuse_glu, calib_ids, tmp_pa
     assert hf.glufx_plan.stats is not None  # statistics for reports, as glufx.load attaches them
 
 
+@pytest.mark.parametrize("options", [dict(fp_weights="int8"), dict(quantize_lm_head=True)])
+def test_from_pretrained_reads_a_lowered_tied_lm_head(options, calib_ids, tmp_path):
+    """Gemma ties lm_head to the embedding; a lowered lm_head (weight-only INT8 or W8A8) holds its own INT8 weight
+    and has no `weight` for transformers to tie: from_pretrained must not try (it raised AttributeError)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("gemma3")
+    assert model.config.get_text_config().tie_word_embeddings
+    q = glufx.compile(model, calib_ids, glufx.GlufxConfig(**CFG, qfep="off", **options))
+    assert isinstance(q.lm_head, (glufx.Int8WeightLinear, glufx.Int8Linear))
+    d = glufx.save(q, tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(d)
+    assert type(hf.lm_head) is type(q.lm_head)
+    x = calib_ids[:2, 1:20]
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=x).logits, q(input_ids=x).logits)
+
+
 def test_from_pretrained_refuses_a_checkpoint_missing_int8_tensors(calib_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
