@@ -39,4 +39,8 @@ TORCH_LIBRARY(glufx, m) {
   m.def(
       "int8_glu_packed(Tensor x, Tensor w_packed, Tensor w_scale, int hidden, str activation, "
       "Tensor? x_scale=None, int granularity=0) -> Tensor");
+  // softmax(scale * q k^T + mask) v for a decode step's few query rows per key-value head, over float32
+  // q [B, H_kv, R, D] and a KV cache k, v [B, H_kv, S, D]; mask: SDPA's, bool or additive float
+  // (csrc/cpu/decode_attention.cpp).
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }

@@ -124,27 +124,44 @@ def ring_sliding_windows(cache: StaticCache, config) -> StaticCache:
 def packed_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                     **kwargs):
-    """transformers' SDPA attention, with a single query's heads packed onto their key-value head.
+    """transformers' SDPA attention, except that a single query runs glufx's decode attention kernel, with its
+    heads packed onto their key-value head.
 
     Why: with grouped-query attention transformers repeats each key-value head for its query heads
     (`repeat_kv`, a copy of the whole cache per layer and step) whenever it runs under torch.compile; eagerly
     it packs a single query's heads as rows of one key-value head instead (`pack_gqa`). Under compile a
-    decode step's query length is static, so the packing traces as well: on Gemma 3 270M (4 query heads,
-    1 key-value head) after a 512-token prompt that halved the step's attention time."""
+    decode step's query length is static, so the packing traces as well. ATen's CPU flash kernel then costs
+    about 2.5x what reading the cache does at a decode step's few rows; `glufx::decode_attention` reads each
+    cached key and value once for all of its head's query rows (csrc/cpu/decode_attention.cpp; Gemma 3 270M,
+    546 cached positions, cache in memory, AMD Zen 5: 101 -> 43 us per layer at one thread, 106 -> 37 at two).
+    Anything else (a longer query, dropout, a soft cap, a position bias, attention sinks, other dtypes or
+    devices) takes transformers' SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None \
-            or kwargs.get("softcap") is not None or kwargs.get("output_attentions", False):
+    B, H, T, D = query.shape  # query: [B, H, T, D]; key, value: [B, H_kv, S, D]
+    mask = attention_mask
+    if T != 1 or (dropout and module.training) or groups > DECODE_ATTENTION_ROWS \
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")) \
+            or kwargs.get("output_attentions", False) or not _decode_attention_takes(query, key, value, mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    B, H, _, D = query.shape  # query: [B, H, 1, D]; key, value: [B, H_kv, S, D]
     packed = query.reshape(B, H // groups, groups, D)  # [B, H_kv, groups, D]: a key-value head's queries as rows
-    mask = attention_mask
-    if mask is not None and mask.shape[1] != 1:  # a per-head mask packs like the queries: [B, H_kv, groups, S]
+    if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:  # per head: [B, H_kv, groups, S] like the queries
         mask = mask.reshape(mask.shape[0], H // groups, groups, mask.shape[-1])
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    scale = D ** -0.5 if scaling is None else scaling
+    out = torch.ops.glufx.decode_attention(packed, key, value, mask, scale)  # [B, H_kv, groups, D]
     return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # [B, 1, H, D]
+
+
+DECODE_ATTENTION_ROWS = 16  # query rows per key-value head glufx::decode_attention takes
+
+
+def _decode_attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: Optional[torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (query, key, value)) \
+        and key.shape[-1] == value.shape[-1] == query.shape[-1] \
+        and (mask is None or (mask.dtype in (torch.bool, torch.float32) and mask.device.type == "cpu"))
 
 
 def _use_packed_gqa_sdpa(lm: nn.Module) -> None:

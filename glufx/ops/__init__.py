@@ -106,6 +106,13 @@ def _(x, w_q, w_scale, bias=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
+@torch.library.register_fake("glufx::decode_attention")
+def _(q, k, v, mask, scale):
+    torch._check(q.dim() == 4 and k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3],
+                 lambda: "glufx::decode_attention: expects q [B, H_kv, R, D], k and v [B, H_kv, S, D]")
+    return q.new_empty(q.shape)
+
+
 @torch.library.register_fake("glufx::hadamard")
 def _(x, block, signs=None):
     return torch.empty_like(x)

@@ -132,6 +132,18 @@ def int8_weight_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
     return y.to(x.dtype)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    # q: [B, H_kv, R, D], k, v: [B, H_kv, S, D]; mask: bool (True attends) or additive float, broadcastable to
+    # [B, H_kv, R, S]. A row with nothing to attend is zeros (the native kernel's convention).
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H_kv, R, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    live = scores.amax(-1, keepdim=True) > float("-inf")
+    probs = torch.where(live, scores, 0.0).softmax(-1) * live
+    return (probs @ v.float()).to(q.dtype)
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 

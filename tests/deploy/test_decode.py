@@ -258,6 +258,36 @@ def test_packed_gqa_attention_equals_repeated_heads(per_head_mask):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups,query_len,dtype,takes_kernel", [
+    (3, 1, torch.float32, True), (1, 1, torch.float32, True),  # GQA packed, and plain multi-head attention
+    (3, 4, torch.float32, False), (3, 1, torch.bfloat16, False), (17, 1, torch.float32, False)])
+def test_a_single_float32_query_runs_glufx_decode_attention(monkeypatch, groups, query_len, dtype, takes_kernel):
+    """A decode step's attention (one query, float32, at most 16 query heads per key-value head) runs
+    glufx::decode_attention; anything else takes transformers' SDPA path, with the same result."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from glufx.deploy import decode
+
+    calls = []
+    kernel = torch.ops.glufx.decode_attention
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+    monkeypatch.setattr(torch.ops.glufx, "decode_attention", counting)
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = groups, True
+    q = torch.randn(1, 2 * groups, query_len, 32, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 40, 32, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(1, 1, query_len, 40, dtype=torch.bool).tril(40 - query_len)
+    out, _ = decode.packed_gqa_sdpa(module, q, k, v, mask, scaling=0.2)
+    assert calls == ([(1, 2, groups, 32)] if takes_kernel else [])
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
+                                                           attn_mask=mask, scale=0.2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_decode_switches_sdpa_models_only(calib_ids):
     model = glufx.compile_decode(tiny_model("llama"))
     assert model.config._attn_implementation == "glufx_sdpa"
