@@ -139,10 +139,9 @@ def lower(model: nn.Module, plan: Plan, *, skeleton: bool = False) -> nn.Module:
     return model
 
 
-def lower_fp_weights(model: nn.Module, plan: Plan, skeleton: bool = False) -> int:
+def lower_fp_weights(model: nn.Module, plan: Plan, skeleton: bool = False) -> None:
     """GlufxConfig(fp_weights="int8"): each linear the plan keeps in floating point ("fp") gets per-channel INT8
-    weights, its activations staying FP (Int8WeightLinear)."""
-    n = 0
+    weights, its activations staying FP (Int8WeightLinear); counted in `counters["int8_weight_linear"]`."""
     for fqn, mp in plan.modules.items():
         mod = model.get_submodule(fqn)
         if mp.action != "fp" or isinstance(mod, Int8WeightLinear):
@@ -157,8 +156,6 @@ def lower_fp_weights(model: nn.Module, plan: Plan, skeleton: bool = False) -> in
             new = Int8WeightLinear.from_float(mod.weight, mod.bias, what=fqn)
         model.set_submodule(fqn, new)
         counters["int8_weight_linear"] += 1
-        n += 1
-    return n
 
 
 class Lowering:

@@ -185,3 +185,7 @@ class Int8GLU(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hidden={self.hidden}, activation={self.activation}, " \
                f"act={self.granularity}"
+
+
+# Every module glufx lowers a linear (or a gate/up pair) to: what "this model holds glufx ops" means.
+LOWERED_MODULES = (Int8Linear, Int8GLU, Int8WeightLinear)

@@ -24,11 +24,6 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define GLUFX_X86 1
-#endif
-
 #include "quant.h"
 
 namespace glufx {

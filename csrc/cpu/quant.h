@@ -9,6 +9,12 @@
 #include <utility>
 #include <vector>
 
+// x86 kernels are compiled per function with target attributes and chosen at run time (cpu_kernel_level).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GLUFX_X86 1
+#endif
+
 namespace glufx {
 namespace detail {
 

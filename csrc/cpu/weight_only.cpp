@@ -13,11 +13,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define GLUFX_X86 1
-#endif
-
 #include "quant.h"
 
 namespace glufx {

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 
-from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
+from ..nn import LOWERED_MODULES
 from ..prefix import as_prefixed
 
 PACKED_GQA_SDPA = "glufx_sdpa"  # the attention implementation compile_decode switches an "sdpa" model to
@@ -285,7 +285,7 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     if next(lm.parameters()).device.type != "cpu":
         raise NotImplementedError("glufx.compile_decode: glufx's kernels run on CPU in this build; move the model "
                                   "to CPU first")
-    quantized = any(isinstance(m, (Int8Linear, Int8GLU, Int8WeightLinear)) for m in lm.modules())
+    quantized = any(isinstance(m, LOWERED_MODULES) for m in lm.modules())
     backend = backend or ("glufx" if quantized else "inductor")
     if backend not in ("glufx", "inductor"):
         raise ValueError(f"glufx.compile_decode: backend must be 'glufx' or 'inductor', got {backend!r}")

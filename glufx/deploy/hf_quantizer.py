@@ -31,14 +31,14 @@ def quantization_config_dict() -> dict:
 def untie_lowered(model) -> None:
     """Drop transformers' tied-weight pairs whose module glufx replaced: a Gemma lm_head lowered to INT8 (W8A8 or
     weight-only) holds its own INT8 weight, not the embedding's, and has no `weight` for from_pretrained to tie."""
-    from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
+    from ..nn import LOWERED_MODULES
 
     tied = getattr(model, "all_tied_weights_keys", None)
     if not tied:
         return
     for target, source in list(tied.items()):
         owners = [model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model for name in (target, source)]
-        if any(isinstance(m, (Int8Linear, Int8GLU, Int8WeightLinear)) for m in owners):
+        if any(isinstance(m, LOWERED_MODULES) for m in owners):
             del tied[target]
 
 
@@ -82,11 +82,11 @@ def _classes():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..nn import Int8GLU, Int8Linear, Int8WeightLinear
+            from ..nn import LOWERED_MODULES
             from ..prefix import PrefixKV, attach_prefix
             from .serialize import attach_saved_statistics
 
-            missing = [f"{name}.{b}" for name, mod in model.named_modules() if isinstance(mod, (Int8Linear, Int8GLU, Int8WeightLinear))
+            missing = [f"{name}.{b}" for name, mod in model.named_modules() if isinstance(mod, LOWERED_MODULES)
                        for b, t in mod.named_buffers(recurse=False)
                        if t is not None and not getattr(t, "_is_hf_initialized", False)]
             if missing:
