@@ -30,11 +30,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     med, other, rot, speed = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
     weight_bytes, stream = {}, {}  # bench_decode.py: bytes per token per system, read bandwidth per thread count
+    attention = []  # bench_attention.py
     for bench in session.benchmarks:
         if not bench.stats.data:  # a test that failed before timing anything
             continue
         p, median = bench.params, bench.stats.median
-        if "tokens_per_s" in bench.extra_info:
+        if "attention" in bench.extra_info:
+            attention.append(bench.extra_info["attention"])
+        elif "tokens_per_s" in bench.extra_info:
             speed[(p["case"], p["threads"])].update(bench.extra_info["tokens_per_s"])
             weight_bytes.update(bench.extra_info["weight_bytes"])
         elif "bandwidth_gbs" in bench.extra_info:
@@ -54,6 +57,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                           f"speed-up {d['fp32'] / d['glufx']:.2f}x ({torch.get_num_threads()} threads)")
     if speed:
         _speed_table(tr, speed, weight_bytes, stream)
+    if attention:
+        tr.write_line("")
+        tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
+        tr.write_line("decode attention, us per layer (median; caches read from memory); speed-up = SDPA / glufx")
+        tr.write_line(f"{'model':>12} {'S':>5} {'thr':>3} {'KV MB':>6} {'SDPA':>8} {'glufx':>8} {'speed-up':>9} {'glufx GB/s':>11}")
+        for a in sorted(attention, key=lambda a: (a["model"], a["S"], a["threads"])):
+            us = a["us"]
+            tr.write_line(f"{a['model']:>12} {a['S']:>5} {a['threads']:>3} {a['kv_bytes'] / 1e6:6.2f} {us['sdpa']:8.1f}"
+                          f" {us['glufx']:8.1f} {us['sdpa'] / us['glufx']:8.2f}x {a['kv_bytes'] / us['glufx'] / 1e3:11.1f}")
     if rot:
         tr.write_line("")
         tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
