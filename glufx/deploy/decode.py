@@ -17,7 +17,9 @@ that cost more than the arithmetic, and what glufx does instead:
   static caches keep a full window as a ring (RingSlidingWindowLayer);
 - grouped-query attention repeats each key-value head for its query heads under compile (a copy of the
   cache per layer): glufx packs a single query's heads onto their key-value head instead, as transformers
-  does eagerly (packed_gqa_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa" model);
+  does eagerly, and runs glufx::decode_attention on them, which reads each cached key and value once for all
+  of the head's query rows (packed_gqa_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa"
+  model; ATen's flash kernel took 2-4x as long at these shapes, benchmarks/bench_attention.py);
 - by default the backend's `exact` mode keeps eager's float math (ATen calls for norms and
   transcendentals, deploy/inductor.py); here `exact=False` is the default and Inductor generates and
   fuses them. Bit-exactness to the traced graph buys a decode user nothing they can see: the traced
