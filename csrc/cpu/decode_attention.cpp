@@ -50,12 +50,10 @@ inline void prefetch_row(const float* row, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
 }
 
-__attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 // Four query rows at a time: a key row's 16-float block is loaded once and multiplied into each.
 __attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t R, const float* k, int64_t k_stride,
                                                      int64_t n, int64_t D, float* sc, const float* v,
-                                                    int64_t v_stride) {
+                                                     int64_t v_stride) {
   const int64_t Dv = D - D % 16;
   for (int64_t j = 0; j < n; ++j) {
     const float* kr = k + j * k_stride;
@@ -68,18 +66,12 @@ __attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t R,
         for (int64_t r = 0; r < rn; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (r0 + r) * D + d), kv, a[r]);
       }
       for (int64_t r = 0; r < rn; ++r) {
-        float s = hsum512(a[r]);
+        float s = _mm512_reduce_add_ps(a[r]);
         for (int64_t d = Dv; d < D; ++d) s += q[(r0 + r) * D + d] * kr[d];
         sc[(r0 + r) * n + j] = s;
       }
     }
   }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
 }
 
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t R, const float* k, int64_t k_stride,
@@ -97,7 +89,7 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t R, 
         for (int64_t r = 0; r < rn; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (r0 + r) * D + d), kv, a[r]);
       }
       for (int64_t r = 0; r < rn; ++r) {
-        float s = hsum256(a[r]);
+        float s = hsum256_ps(a[r]);
         for (int64_t d = Dv; d < D; ++d) s += q[(r0 + r) * D + d] * kr[d];
         sc[(r0 + r) * n + j] = s;
       }
@@ -158,7 +150,7 @@ __attribute__((target("avx512f"))) float exp_sum_avx512(float* x, int64_t n, flo
     _mm512_mask_storeu_ps(x + i, k, e);
     acc = _mm512_mask_add_ps(acc, k, acc, e);
   }
-  return hsum512(acc);
+  return _mm512_reduce_add_ps(acc);
 }
 
 __attribute__((target("avx2,fma"))) float exp_sum_avx2(float* x, int64_t n, float mx) {
@@ -170,7 +162,7 @@ __attribute__((target("avx2,fma"))) float exp_sum_avx2(float* x, int64_t n, floa
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  float s = hsum256(acc);
+  float s = hsum256_ps(acc);
   for (; i < n; ++i) {
     alignas(32) float tail[8] = {x[i] - mx, 0, 0, 0, 0, 0, 0, 0};
     _mm256_store_ps(tail, exp256(_mm256_load_ps(tail)));

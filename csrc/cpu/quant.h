@@ -15,6 +15,19 @@
 #define GLUFX_X86 1
 #endif
 
+#ifdef GLUFX_X86
+namespace glufx {
+namespace detail {
+// Sum of an AVX2 register's 8 floats, in one fixed order (halves, then pairs, then the last two).
+__attribute__((target("avx2"))) inline float hsum256_ps(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+}  // namespace detail
+}  // namespace glufx
+#endif
+
 namespace glufx {
 namespace detail {
 

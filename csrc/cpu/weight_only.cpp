@@ -85,10 +85,7 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const int8_t* w, int64_t nc, 
       for (int64_t m = 0; m < M; ++m) a[m][0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), a[m][0]);
     }
     for (int64_t m = 0; m < M; ++m) {
-      const __m256 v = _mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3]));
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      float s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+      float s = hsum256_ps(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])));
       for (int64_t j = k; j < K; ++j) s += static_cast<float>(wr[j]) * x[m * K + j];
       acc[m * kChannels + c] = s;
     }
