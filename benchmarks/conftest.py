@@ -30,13 +30,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     med, other, rot, speed = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
     weight_bytes, stream = {}, {}  # bench_decode.py: bytes per token per system, read bandwidth per thread count
-    attention = []  # bench_attention.py
+    attention, prefill_attention = [], []  # bench_attention.py
     for bench in session.benchmarks:
         if not bench.stats.data:  # a test that failed before timing anything
             continue
         p, median = bench.params, bench.stats.median
         if "attention" in bench.extra_info:
             attention.append(bench.extra_info["attention"])
+        elif "prefill_attention" in bench.extra_info:
+            prefill_attention.append(bench.extra_info["prefill_attention"])
         elif "tokens_per_s" in bench.extra_info:
             speed[(p["case"], p["threads"])].update(bench.extra_info["tokens_per_s"])
             weight_bytes.update(bench.extra_info["weight_bytes"])
@@ -66,6 +68,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             us = a["us"]
             tr.write_line(f"{a['model']:>12} {a['S']:>5} {a['threads']:>3} {a['kv_bytes'] / 1e6:6.2f} {us['sdpa']:8.1f}"
                           f" {us['glufx']:8.1f} {us['sdpa'] / us['glufx']:8.2f}x {a['kv_bytes'] / us['glufx'] / 1e3:11.1f}")
+    if prefill_attention:
+        tr.write_line("")
+        tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
+        tr.write_line("prefill attention, ms per layer (median), transformers' sdpa_attention_forward vs glufx_sdpa; "
+                      "sliding: a 512-token window")
+        tr.write_line(f"{'model':>12} {'T':>5} {'layer':>8} {'thr':>3} {'SDPA':>9} {'glufx':>9} {'speed-up':>9}")
+        for a in sorted(prefill_attention, key=lambda a: (a["model"], a["T"], a["layer"], a["threads"])):
+            ms = a["ms"]
+            tr.write_line(f"{a['model']:>12} {a['T']:>5} {a['layer']:>8} {a['threads']:>3} {ms['sdpa']:9.2f} "
+                          f"{ms['glufx']:9.2f} {ms['sdpa'] / ms['glufx']:8.2f}x")
     if rot:
         tr.write_line("")
         tr.write_line(f"CPU: {_cpu_model()}  flags: {_cpu_flags()}  torch {torch.__version__}")
@@ -112,14 +124,15 @@ def _speed_table(tr, speed, byte_counts, stream) -> None:
     tr.write_line(f"{'case':>9} {'thr':>3} " + "".join(f"{s:>16}" for s in systems)
                   + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}{'w8fp vs llama.cpp':>19}")
     for (case, th), d in sorted(speed.items(), key=lambda kv: (["pp512", "tg32", "tg32@512"].index(kv[0][0]), kv[0][1])):
-        g = d.get("glufx_compiled") if case != "pp512" else d.get("glufx_eager")  # prefill runs eager in generate()
+        g = d.get("glufx_compiled")
         ratio = lambda b: f"{g / d[b]:.2f}x" if g and d.get(b) else "-"  # noqa: E731
         tr.write_line(f"{case:>9} {th:>3} " + "".join(f"{d[s]:16.1f}" if s in d else f"{'-':>16}" for s in systems)
-                      + f"{ratio('glufx_eager') if case != 'pp512' else '-':>10}{ratio('fp32'):>9}"
+                      + f"{ratio('glufx_eager'):>10}{ratio('fp32'):>9}"
                       f"{ratio('llama_cpp_q8_0'):>14}"
-                      + (f"{d['glufx_compiled_w8fp'] / d['llama_cpp_q8_0']:.2f}x" if case != "pp512" and
+                      + (f"{d['glufx_compiled_w8fp'] / d['llama_cpp_q8_0']:.2f}x" if
                          d.get("glufx_compiled_w8fp") and d.get("llama_cpp_q8_0") else "-").rjust(19))
-    tr.write_line("(pp512: glufx eager, which is what generate() runs for a prompt; the compiled step is decode's)")
+    tr.write_line("(pp512 of a compiled system: the prompt step generate() runs on a compile_decode model, eager code "
+                  "with glufx's attention kernels; glufx eager: glufx.compile's model, transformers' SDPA)")
     if byte_counts:
         tr.write_line("decode as effective bandwidth: weight bytes per token x tokens/s (tg32), GB/s; "
                       + ", ".join(f"streaming read {th} thread(s) {gbs:.1f}" for th, gbs in sorted(stream.items())))

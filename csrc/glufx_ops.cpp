@@ -43,4 +43,8 @@ TORCH_LIBRARY(glufx, m) {
   // q [B, H_kv, R, D] and a KV cache k, v [B, H_kv, S, D]; mask: SDPA's, bool or additive float
   // (csrc/cpu/decode_attention.cpp).
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  // The same for a prompt's queries, q [B, H, T, D] against k, v [B, H_kv, S, D] (H a multiple of H_kv), skipping
+  // the keys a block of queries cannot attend; is_causal as SDPA's (excludes a mask). Returns [B, T, H, D], the
+  // layout the output projection reads (csrc/cpu/prefill_attention.cpp).
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) -> Tensor");
 }

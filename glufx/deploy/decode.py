@@ -18,8 +18,10 @@ that cost more than the arithmetic, and what glufx does instead:
 - grouped-query attention repeats each key-value head for its query heads under compile (a copy of the
   cache per layer): glufx packs a single query's heads onto their key-value head instead, as transformers
   does eagerly, and runs glufx::decode_attention on them, which reads each cached key and value once for all
-  of the head's query rows (packed_gqa_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa"
-  model; ATen's flash kernel took 2-4x as long at these shapes, benchmarks/bench_attention.py);
+  of the head's query rows (glufx_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa"
+  model; ATen's flash kernel took 2-4x as long at these shapes, benchmarks/bench_attention.py). The prompt
+  step, eager, runs glufx::prefill_attention through the same implementation: only the keys its mask can
+  attend, about half of ATen's time on a causal prompt;
 - by default the backend's `exact` mode keeps eager's float math (ATen calls for norms and
   transcendentals, deploy/inductor.py); here `exact=False` is the default and Inductor generates and
   fuses them. Bit-exactness to the traced graph buys a decode user nothing they can see: the traced
@@ -52,7 +54,7 @@ from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
 from ..nn import LOWERED_MODULES
 from ..prefix import as_prefixed
 
-PACKED_GQA_SDPA = "glufx_sdpa"  # the attention implementation compile_decode switches an "sdpa" model to
+GLUFX_SDPA = "glufx_sdpa"  # the attention implementation compile_decode switches an "sdpa" model to
 
 
 class RingSlidingWindowLayer(StaticSlidingWindowLayer):
@@ -123,35 +125,46 @@ def ring_sliding_windows(cache: StaticCache, config) -> StaticCache:
     return cache
 
 
-def packed_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                    **kwargs):
-    """transformers' SDPA attention, except that a single query runs glufx's decode attention kernel, with its
-    heads packed onto their key-value head.
+def glufx_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+               is_causal: Optional[bool] = None, **kwargs):
+    """transformers' SDPA attention, run by glufx's attention kernels on float32 CPU tensors: a single query by
+    `glufx::decode_attention`, its heads packed onto their key-value head; a longer one (a prompt) by
+    `glufx::prefill_attention`. Same arguments, masks and results as `sdpa_attention_forward` (to float
+    rounding), returned in its layout, [B, T, H, D].
 
-    Why: with grouped-query attention transformers repeats each key-value head for its query heads
-    (`repeat_kv`, a copy of the whole cache per layer and step) whenever it runs under torch.compile; eagerly
-    it packs a single query's heads as rows of one key-value head instead (`pack_gqa`). Under compile a
+    Why, a decode step: with grouped-query attention transformers repeats each key-value head for its query
+    heads (`repeat_kv`, a copy of the whole cache per layer and step) whenever it runs under torch.compile;
+    eagerly it packs a single query's heads as rows of one key-value head instead (`pack_gqa`). Under compile a
     decode step's query length is static, so the packing traces as well. ATen's CPU flash kernel then costs
     about 2.5x what reading the cache does at a decode step's few rows; `glufx::decode_attention` reads each
     cached key and value once for all of its head's query rows (csrc/cpu/decode_attention.cpp; Gemma 3 270M,
     546 cached positions, cache in memory, AMD Zen 5: 101 -> 43 us per layer at one thread, 106 -> 37 at two).
-    Anything else (a longer query, dropout, a soft cap, a position bias, attention sinks, other dtypes or
-    devices) takes transformers' SDPA path."""
+    Why, a prompt: ATen's flash kernel computes whole blocks of 512 keys whether the mask keeps them or not
+    (a causal mask's upper half, a sliding window's far keys) and repeats a key-value head's work for each of
+    its query heads; `glufx::prefill_attention` computes only the keys a block of queries can attend, with a
+    key-value head's query heads stacked in one GEMM (csrc/cpu/prefill_attention.cpp; 512 causal tokens, AMD
+    Zen 5, one thread: 10.2 -> 5.4 ms per Gemma 3 270M layer, benchmarks/bench_attention.py).
+    Anything else (dropout, a soft cap, a position bias, attention sinks, other dtypes or devices) takes
+    transformers' SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     B, H, T, D = query.shape  # query: [B, H, T, D]; key, value: [B, H_kv, S, D]
     mask = attention_mask
-    if T != 1 or (dropout and module.training) or groups > DECODE_ATTENTION_ROWS \
+    if (dropout and module.training) or query.requires_grad or (T == 1 and groups > DECODE_ATTENTION_ROWS) \
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")) \
-            or kwargs.get("output_attentions", False) or not _decode_attention_takes(query, key, value, mask):
+            or kwargs.get("output_attentions", False) or not _attention_kernels_take(query, key, value, mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      is_causal=is_causal, **kwargs)
+    scale = D ** -0.5 if scaling is None else scaling
+    if T > 1:
+        # transformers' rule: causal only without a mask, unless the call or the module says otherwise
+        causal = mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        return torch.ops.glufx.prefill_attention(query, key, value, mask, bool(causal), scale), None  # [B, T, H, D]
     packed = query.reshape(B, H // groups, groups, D)  # [B, H_kv, groups, D]: a key-value head's queries as rows
     if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:  # per head: [B, H_kv, groups, S] like the queries
         mask = mask.reshape(mask.shape[0], H // groups, groups, mask.shape[-1])
-    scale = D ** -0.5 if scaling is None else scaling
     out = torch.ops.glufx.decode_attention(packed, key, value, mask, scale)  # [B, H_kv, groups, D]
     return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous(), None  # [B, 1, H, D]
 
@@ -159,24 +172,24 @@ def packed_gqa_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 DECODE_ATTENTION_ROWS = 16  # query rows per key-value head glufx::decode_attention takes
 
 
-def _decode_attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _attention_kernels_take(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: Optional[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (query, key, value)) \
-        and key.shape[-1] == value.shape[-1] == query.shape[-1] \
+        and key.shape[-1] == value.shape[-1] == query.shape[-1] and query.shape[1] % key.shape[1] == 0 \
         and (mask is None or (mask.dtype in (torch.bool, torch.float32) and mask.device.type == "cpu"))
 
 
-def _use_packed_gqa_sdpa(lm: nn.Module) -> None:
-    """Switch an "sdpa" model to packed_gqa_sdpa (registered with transformers under PACKED_GQA_SDPA, with
+def _use_glufx_sdpa(lm: nn.Module) -> None:
+    """Switch an "sdpa" model to glufx_sdpa (registered with transformers under GLUFX_SDPA, with
     SDPA's masks); any other attention implementation is left as it is."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     if getattr(lm.config, "_attn_implementation", None) != "sdpa":
         return
-    AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
-    AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
-    lm.set_attn_implementation(PACKED_GQA_SDPA)
+    AttentionInterface.register(GLUFX_SDPA, glufx_sdpa)
+    AttentionMaskInterface.register(GLUFX_SDPA, sdpa_mask)
+    lm.set_attn_implementation(GLUFX_SDPA)
 
 
 def _ring_static_caches(lm: nn.Module) -> None:
@@ -240,6 +253,49 @@ def _compiled_step(self, compile_config):
     return held[2]
 
 
+def _prompt_or_eager_forward(self, *args, **kwargs):
+    """The forward of a compile_decode model (compile_prompt=True): a prompt, more than one token without
+    autograd, runs the compiled prompt step; a single token (the decode step's trace included), or a call that
+    records gradients, runs the model's own forward.
+
+    Why: transformers compiles only the decode step and runs a prompt eagerly, so the prompt's norms, rotary
+    embeddings, activations and products run as hundreds of separate ATen calls over [T, hidden] tensors (a
+    fifth of an eager Gemma 3 270M prefill of 512 tokens, profiled); compiled, Inductor fuses them. The prompt step
+    compiles with every size dynamic, so that one graph serves every prompt length, and with Inductor's Python
+    wrapper, whose few milliseconds per call a prompt does not notice and whose compilation takes a third of the
+    C++ wrapper's."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    forward = type(self).forward
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or tokens is None or tokens.dim() < 2 \
+            or tokens.shape[1] <= 1:
+        return forward(self, *args, **kwargs)
+    return _compiled_prompt(self)(*args, **kwargs)
+
+
+def _compiled_prompt(lm: nn.Module):
+    """The compiled prompt step of `lm`: its decode step's compile config (backend, exactness, guards) with
+    every size dynamic and Inductor's Python wrapper; compiled anew when the model or that config changed, as
+    the decode step is (`_compiled_step`)."""
+    config = lm.generation_config.compile_config
+    fingerprint = model_fingerprint(lm)
+    held = lm.__dict__.get("_glufx_prompt")
+    if held is None or held[0] != config or held[1] != fingerprint:
+        forward = type(lm).forward
+
+        def prompt(*args, **kwargs):
+            return forward(lm, *args, **kwargs)
+        prompt.__code__ = prompt.__code__.replace(co_name=f"glufx_prompt_step_{next(_step_names)}")
+        options = dict(config.options or {})
+        if "cpp_wrapper" in options:
+            options["cpp_wrapper"] = False
+        held = (config, fingerprint, torch.compile(prompt, backend=config.backend, fullgraph=config.fullgraph,
+                                                   dynamic=True, options=options or None))
+        lm._glufx_prompt = held
+    return held[2]
+
+
 def unpadded(attention_mask: Optional[torch.Tensor]) -> bool:
     """Whether a generation's padding mask is all ones. A ring holds its slots out of position order, and a
     padding mask is laid out in position order: a padded batch keeps transformers' rolled windows."""
@@ -258,7 +314,7 @@ def language_model(model: nn.Module) -> nn.Module:
 
 def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exact: bool = False,
                    backend: Optional[str] = None, skip_module_guards: bool = True,
-                   cpp_wrapper: bool = True) -> nn.Module:
+                   cpp_wrapper: bool = True, compile_prompt: bool = True) -> nn.Module:
     """Make `model.generate()` decode with a static KV cache and a compiled single-token step; returns `model`.
 
     `max_cache_len`: positions the static cache holds (prompt, QFeP prefix and new tokens). Every
@@ -278,8 +334,8 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     buffer, `.train()`) compiles a new one. False keeps dynamo's guards on every step.
 
     Besides its generation config, the model changes in two ways (module doc): an "sdpa" model's attention
-    implementation becomes "glufx_sdpa" (the same arithmetic, eager or compiled; only a single query's GQA
-    heads are packed), and this model's static caches ring their full sliding windows.
+    implementation becomes "glufx_sdpa" (the same arithmetic, eager or compiled, in glufx's attention kernels:
+    glufx_sdpa), and this model's static caches ring their full sliding windows.
     """
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -304,10 +360,14 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
             raise ValueError(f"glufx.compile_decode: max_cache_len must hold a prompt and a new token, got {max_cache_len}")
         lm._previous_max_cache_length = max_cache_len  # transformers' own record of the largest static cache
     _ring_static_caches(lm)
-    _use_packed_gqa_sdpa(lm)
+    _use_glufx_sdpa(lm)
     lm.generation_config.cache_implementation = "static"
     lm.generation_config.compile_config = config
     lm.get_compiled_call = types.MethodType(_compiled_step, lm)  # a deepcopy rebinds it to the copy
+    if compile_prompt:
+        lm.forward = types.MethodType(_prompt_or_eager_forward, lm)
+    elif getattr(lm.__dict__.get("forward"), "__func__", None) is _prompt_or_eager_forward:
+        del lm.forward
     return model
 
 

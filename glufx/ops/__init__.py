@@ -113,6 +113,17 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("glufx::prefill_attention")
+def _(q, k, v, mask, is_causal, scale):
+    torch._check(q.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3]
+                 and q.shape[1] % k.shape[1] == 0,
+                 lambda: "glufx::prefill_attention: expects q [B, H, T, D], k and v [B, H_kv, S, D], H a multiple of H_kv")
+    torch._check(not (is_causal and mask is not None),
+                 lambda: "glufx::prefill_attention: pass either a mask or is_causal=True, not both")
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D))
+
+
 @torch.library.register_fake("glufx::hadamard")
 def _(x, block, signs=None):
     return torch.empty_like(x)

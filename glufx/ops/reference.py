@@ -144,6 +144,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     return (probs @ v.float()).to(q.dtype)
 
 
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      is_causal: bool, scale: float) -> torch.Tensor:
+    # q: [B, H, T, D], k, v: [B, H_kv, S, D] -> [B, T, H, D]. mask: as decode_attention's, broadcastable to
+    # [B, H, T, S]; is_causal: query i attends keys 0..i (SDPA's). A row with nothing to attend is zeros.
+    if is_causal and mask is not None:
+        raise RuntimeError("glufx::prefill_attention: pass either a mask or is_causal=True, not both")
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if is_causal:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    return decode_attention(q, k, v, mask, scale).transpose(1, 2).contiguous()
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 

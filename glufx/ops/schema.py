@@ -20,6 +20,8 @@ SCHEMAS = {
     "Tensor? x_scale=None, int granularity=0, Tensor? rot_signs=None, int rot_block=0) -> Tensor",
     "int8_weight_linear": "int8_weight_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor",
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
+    "prefill_attention": "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) "
+    "-> Tensor",
     "hadamard": "hadamard(Tensor x, int block, Tensor? signs=None) -> Tensor",
     "pack_weight": "pack_weight(Tensor w_q) -> Tensor",
     "unpack_weight": "unpack_weight(Tensor w_packed, int N, int K) -> Tensor",

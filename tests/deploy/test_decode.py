@@ -43,16 +43,21 @@ def test_compiled_step_equals_the_traced_step(family, calib_ids):
         assert torch.equal(a, b)
 
 
-def test_compiled_decode_stays_close_to_eager(calib_ids):
-    """The static cache's attention arithmetic is another valid float order: logits stay within INT8 noise."""
+@pytest.mark.parametrize("compile_prompt", [True, False])
+def test_compiled_decode_stays_close_to_eager(calib_ids, compile_prompt):
+    """The static cache's attention arithmetic, glufx's attention kernels and Inductor's fused float math are
+    other valid float orders: logits stay within INT8 noise, of the prompt step and of the decode step."""
     model = _quantized("llama", calib_ids)
     ids = calib_ids[:1, :7]
     eager = _generate(model, ids, 2)
     torch._dynamo.reset()
-    compiled = _generate(glufx.compile_decode(copy.deepcopy(model)), ids, 2)
-    assert torch.equal(eager.logits[0], compiled.logits[0])  # the prefill is eager in both: the same first token
-    e, c = eager.logits[1], compiled.logits[1]  # the compiled step, on the same inputs
-    assert (e - c).abs().max() <= 0.05 * e.abs().max()
+    before = glufx_backend.counters["graphs"]
+    compiled = _generate(glufx.compile_decode(copy.deepcopy(model), compile_prompt=compile_prompt), ids, 2)
+    graphs = glufx_backend.counters["graphs"] - before
+    # the decode step's graph, and the prompt step's (dynamo may run the backend twice on a dynamic graph)
+    assert graphs > 1 if compile_prompt else graphs == 1
+    for e, c in zip(eager.logits, compiled.logits):
+        assert (e - c).abs().max() <= 0.05 * e.abs().max()
 
 
 def test_no_recompile_per_position_or_call(calib_ids):
@@ -61,9 +66,10 @@ def test_no_recompile_per_position_or_call(calib_ids):
     before = glufx_backend.counters["graphs"]
     _generate(model, calib_ids[:1, :7], 12)
     first = glufx_backend.counters["graphs"] - before
-    # the first step specialises the position, the second makes it dynamic, and a sliding window that fills
-    # (16 positions here) takes its other branch once: at most three graphs, for any length
-    assert 1 <= first <= 3
+    # the prompt step: one graph with dynamic sizes (dynamo may run the backend on it twice); decode: the first
+    # step specialises the position, the second makes it dynamic, and a sliding window that fills (16 positions
+    # here) takes its other branch once: at most three graphs, for any length
+    assert 1 <= first <= 5
     _generate(model, calib_ids[1:2, :9], 30)  # another prompt length, more tokens: the same cache shape
     assert glufx_backend.counters["graphs"] - before == first
 
@@ -242,7 +248,7 @@ def test_padded_batch_keeps_rolled_windows(calib_ids):
 def test_packed_gqa_attention_equals_repeated_heads(per_head_mask):
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from glufx.deploy.decode import packed_gqa_sdpa
+    from glufx.deploy.decode import glufx_sdpa
 
     g = torch.Generator().manual_seed(0)
     module = torch.nn.Module()
@@ -251,40 +257,75 @@ def test_packed_gqa_attention_equals_repeated_heads(per_head_mask):
     k, v = torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
     mask = torch.rand(2, 6 if per_head_mask else 1, 1, 20, generator=g) > 0.3
     mask[..., 0] = True
-    out, _ = packed_gqa_sdpa(module, q, k, v, mask, scaling=0.25)
+    out, _ = glufx_sdpa(module, q, k, v, mask, scaling=0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask,
                                                            scale=0.25).transpose(1, 2)
     assert out.shape == (2, 1, 6, 16)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups,query_len,dtype,takes_kernel", [
-    (3, 1, torch.float32, True), (1, 1, torch.float32, True),  # GQA packed, and plain multi-head attention
-    (3, 4, torch.float32, False), (3, 1, torch.bfloat16, False), (17, 1, torch.float32, False)])
-def test_a_single_float32_query_runs_glufx_decode_attention(monkeypatch, groups, query_len, dtype, takes_kernel):
+@pytest.mark.parametrize("groups,query_len,dtype,kernel", [
+    (3, 1, torch.float32, "decode_attention"), (1, 1, torch.float32, "decode_attention"),  # GQA packed, and MHA
+    (3, 4, torch.float32, "prefill_attention"), (1, 7, torch.float32, "prefill_attention"),
+    (3, 1, torch.bfloat16, None), (3, 4, torch.bfloat16, None), (17, 1, torch.float32, None)])
+def test_float32_attention_runs_glufx_kernels(monkeypatch, groups, query_len, dtype, kernel):
     """A decode step's attention (one query, float32, at most 16 query heads per key-value head) runs
-    glufx::decode_attention; anything else takes transformers' SDPA path, with the same result."""
+    glufx::decode_attention, a float32 prompt's glufx::prefill_attention; anything else takes transformers' SDPA
+    path, with the same result."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from glufx.deploy import decode
 
     calls = []
-    kernel = torch.ops.glufx.decode_attention
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return kernel(*args)
-    monkeypatch.setattr(torch.ops.glufx, "decode_attention", counting)
+    for name in ("decode_attention", "prefill_attention"):
+        def counting(*args, _op=getattr(torch.ops.glufx, name), _name=name):
+            calls.append(_name)
+            return _op(*args)
+        monkeypatch.setattr(torch.ops.glufx, name, counting)
     g = torch.Generator().manual_seed(0)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = groups, True
     q = torch.randn(1, 2 * groups, query_len, 32, generator=g).to(dtype)
     k, v = (torch.randn(1, 2, 40, 32, generator=g).to(dtype) for _ in range(2))
     mask = torch.ones(1, 1, query_len, 40, dtype=torch.bool).tril(40 - query_len)
-    out, _ = decode.packed_gqa_sdpa(module, q, k, v, mask, scaling=0.2)
-    assert calls == ([(1, 2, groups, 32)] if takes_kernel else [])
+    out, _ = decode.glufx_sdpa(module, q, k, v, mask, scaling=0.2)
+    assert calls == ([kernel] if kernel else [])
     ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
                                                            attn_mask=mask, scale=0.2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none_causal", "none_not_causal", "module_not_causal", "sliding", "padded"])
+def test_prompt_attention_equals_transformers_sdpa(mask_kind):
+    """glufx_sdpa on a prompt gives what transformers' sdpa_attention_forward gives for the same call: its
+    causal rule (no mask -> causal, unless the call or the module says not), sliding-window and padding masks,
+    grouped-query heads, and its output layout [B, T, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from glufx.deploy.decode import glufx_sdpa
+
+    g = torch.Generator().manual_seed(1)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, mask_kind != "module_not_causal"
+    T = S = 150
+    q = torch.randn(2, 4, T, 24, generator=g)
+    k, v = torch.randn(2, 2, S, 24, generator=g), torch.randn(2, 2, S, 24, generator=g)
+    kwargs, mask = {}, None
+    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    if mask_kind == "none_not_causal":
+        kwargs["is_causal"] = False
+    elif mask_kind == "sliding":
+        mask = ((j <= i) & (i - j < 40)).expand(2, 1, T, S)
+    elif mask_kind == "padded":  # the second sequence's first 30 positions are padding
+        live = torch.ones(2, S, dtype=torch.bool)
+        live[1, :30] = False
+        mask = (j <= i)[None, None] & live[:, None, None, :]
+    out, _ = glufx_sdpa(module, q, k, v, mask, scaling=0.3, **kwargs)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
+    assert out.shape == ref.shape == (2, T, 4, 24)
+    if mask_kind == "padded":  # rows with nothing to attend: zeros here, NaN from SDPA
+        assert torch.equal(out[1, :30], torch.zeros_like(out[1, :30]))
+        out, ref = out[:, 30:], ref[:, 30:]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
