@@ -42,6 +42,7 @@ cache that already holds the prefix's floating-point keys and values (prefix.py)
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 from typing import Optional
@@ -364,10 +365,16 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     lm.generation_config.cache_implementation = "static"
     lm.generation_config.compile_config = config
     lm.get_compiled_call = types.MethodType(_compiled_step, lm)  # a deepcopy rebinds it to the copy
-    if compile_prompt:
-        lm.forward = types.MethodType(_prompt_or_eager_forward, lm)
-    elif getattr(lm.__dict__.get("forward"), "__func__", None) is _prompt_or_eager_forward:
+    if getattr(getattr(lm.__dict__.get("forward"), "__func__", None), "_glufx_prompt_router", False):
         del lm.forward
+    if compile_prompt:
+        # generate() reads the forward's signature (whether it takes logits_to_keep, attention_mask, ...): the
+        # router shows the model's own
+        @functools.wraps(type(lm).forward)
+        def forward(self, *args, **kwargs):
+            return _prompt_or_eager_forward(self, *args, **kwargs)
+        forward._glufx_prompt_router = True
+        lm.forward = types.MethodType(forward, lm)  # a deepcopy rebinds it to the copy
     return model
 
 

@@ -60,6 +60,40 @@ def test_compiled_decode_stays_close_to_eager(calib_ids, compile_prompt):
         assert (e - c).abs().max() <= 0.05 * e.abs().max()
 
 
+def test_the_prompt_step_keeps_the_forward_signature(calib_ids):
+    """generate() reads the forward's signature: with the prompt step's router in place it still sees
+    logits_to_keep (so a prompt's logits are computed for its last position only) and attention_mask; the
+    router goes away with compile_prompt=False."""
+    import inspect
+
+    model = glufx.compile_decode(tiny_model("llama"))
+    own = inspect.signature(type(model).forward.__get__(model))
+    assert inspect.signature(model.forward) == own
+    assert model._supports_logits_to_keep()
+    glufx.compile_decode(model, compile_prompt=False)
+    assert "forward" not in model.__dict__
+
+
+def test_a_prompt_runs_the_compiled_prompt_step(calib_ids):
+    """One graph for prompts of every length (dynamic sizes); single tokens and calls that record gradients run
+    the model's own forward, and the prompt step's logits stay within INT8 noise of eager glufx's."""
+    model = _quantized("llama", calib_ids)
+    compiled = glufx.compile_decode(copy.deepcopy(model))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        before = glufx_backend.counters["graphs"]
+        for length in (7, 12, 30):
+            ids = calib_ids[:1, :length]
+            out, ref = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+            assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+        graphs = glufx_backend.counters["graphs"] - before
+        assert 1 <= graphs <= 2  # dynamo may run the backend twice on a dynamic graph, then never again
+        compiled(input_ids=calib_ids[:1, :1])
+        assert glufx_backend.counters["graphs"] - before == graphs
+    compiled(input_ids=calib_ids[:1, :9])  # gradients on: eager
+    assert glufx_backend.counters["graphs"] - before == graphs
+
+
 def test_no_recompile_per_position_or_call(calib_ids):
     model = glufx.compile_decode(_quantized("gemma3", calib_ids), max_cache_len=64)
     torch._dynamo.reset()
