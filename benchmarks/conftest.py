@@ -131,8 +131,8 @@ def _speed_table(tr, speed, byte_counts, stream) -> None:
                       f"{ratio('llama_cpp_q8_0'):>14}"
                       + (f"{d['glufx_compiled_w8fp'] / d['llama_cpp_q8_0']:.2f}x" if
                          d.get("glufx_compiled_w8fp") and d.get("llama_cpp_q8_0") else "-").rjust(19))
-    tr.write_line("(pp512 of a compiled system: the prompt step generate() runs on a compile_decode model, eager code "
-                  "with glufx's attention kernels; glufx eager: glufx.compile's model, transformers' SDPA)")
+    tr.write_line("(pp512 of a compiled system: the prompt step generate() runs on a compile_decode model, its own "
+                  "compiled graph with glufx's attention kernels; glufx eager: glufx.compile's model, transformers' SDPA)")
     if byte_counts:
         tr.write_line("decode as effective bandwidth: weight bytes per token x tokens/s (tg32), GB/s; "
                       + ", ".join(f"streaming read {th} thread(s) {gbs:.1f}" for th, gbs in sorted(stream.items())))
