@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "quant.h"
@@ -110,32 +111,24 @@ Kernels kernels() {
   return {prepare_row_generic, exp_sum_generic};
 }
 
-// The keys [lo, hi) any of a task's rows can attend under a mask m4 [B, H, T, S] (bool: true attends; float:
-// anything but -inf). Rows are the query positions [i0, i1) of heads [h0, h0 + G).
-std::pair<int64_t, int64_t> mask_span(const at::Tensor& m4, bool bool_mask, int64_t b, int64_t h0, int64_t G,
-                                      int64_t i0, int64_t i1, int64_t S) {
+// The keys [lo, hi) any of a task's rows can attend under a mask m4 [B, H, T, S] whose elements are T (bool: true
+// attends; float: anything but -inf). Rows are the query positions [i0, i1) of heads [h0, h0 + G).
+template <typename T>
+std::pair<int64_t, int64_t> mask_span(const at::Tensor& m4, int64_t b, int64_t h0, int64_t G, int64_t i0, int64_t i1,
+                                      int64_t S) {
+  const T* base = m4.data_ptr<T>();
+  const auto masked = [](T x) { return std::is_same_v<T, bool> ? !x : x == kNegInf; };
   int64_t lo = S, hi = 0;
   const int64_t heads = m4.stride(1) == 0 ? 1 : G;  // a mask shared by the heads is scanned once
   for (int64_t g = 0; g < heads; ++g)
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t off = b * m4.stride(0) + (h0 + g) * m4.stride(1) + i * m4.stride(2);
-      if (bool_mask) {
-        const bool* row = m4.data_ptr<bool>() + off;
-        int64_t j = 0;
-        while (j < lo && !row[j]) ++j;
-        lo = std::min(lo, j);
-        j = S;
-        while (j > hi && !row[j - 1]) --j;
-        hi = std::max(hi, j);
-      } else {
-        const float* row = m4.data_ptr<float>() + off;
-        int64_t j = 0;
-        while (j < lo && row[j] == kNegInf) ++j;
-        lo = std::min(lo, j);
-        j = S;
-        while (j > hi && row[j - 1] == kNegInf) --j;
-        hi = std::max(hi, j);
-      }
+      const T* row = base + b * m4.stride(0) + (h0 + g) * m4.stride(1) + i * m4.stride(2);
+      int64_t j = 0;
+      while (j < lo && masked(row[j])) ++j;
+      lo = std::min(lo, j);
+      j = S;
+      while (j > hi && masked(row[j - 1])) --j;
+      hi = std::max(hi, j);
     }
   return {lo, hi};
 }
@@ -180,6 +173,8 @@ at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
   const Kernels kern = kernels();
   const float sc = static_cast<float>(scale);
   float* op = out.data_ptr<float>();
+  const bool* bmask = m4.defined() && bool_mask ? m4.data_ptr<bool>() : nullptr;
+  const float* fmask = m4.defined() && !bool_mask ? m4.data_ptr<float>() : nullptr;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const int64_t R_max = G * bq;
     at::Tensor q_buf = at::empty({R_max, D}, q.options());    // the task's query rows, packed
@@ -196,7 +191,8 @@ at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
       if (is_causal) {
         hi = std::min(S, i1);
       } else if (m4.defined()) {
-        std::tie(lo, hi) = mask_span(m4, bool_mask, b, h0, G, i0, i1, S);
+        std::tie(lo, hi) = bool_mask ? mask_span<bool>(m4, b, h0, G, i0, i1, S)
+                                     : mask_span<float>(m4, b, h0, G, i0, i1, S);
       }
       if (hi <= lo) continue;  // nothing to attend: zeros
       const int64_t n = hi - lo;
@@ -220,7 +216,7 @@ at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
         const float* fm = nullptr;
         if (m4.defined()) {
           const int64_t off = b * m4.stride(0) + (h0 + g) * m4.stride(1) + i * m4.stride(2) + lo;
-          if (bool_mask) bm = m4.data_ptr<bool>() + off; else fm = m4.data_ptr<float>() + off;
+          if (bmask) bm = bmask + off; else fm = fmask + off;
         }
         const float mx = end > 0 ? kern.prepare_row(s, end, sc, bm, fm) : kNegInf;
         if (mx == kNegInf) {  // nothing to attend in this row

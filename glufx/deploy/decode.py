@@ -20,8 +20,8 @@ that cost more than the arithmetic, and what glufx does instead:
   does eagerly, and runs glufx::decode_attention on them, which reads each cached key and value once for all
   of the head's query rows (glufx_sdpa, the "glufx_sdpa" attention implementation of a compiled "sdpa"
   model; ATen's flash kernel took 2-4x as long at these shapes, benchmarks/bench_attention.py). The prompt
-  step, eager, runs glufx::prefill_attention through the same implementation: only the keys its mask can
-  attend, about half of ATen's time on a causal prompt;
+  step (compiled too, `compile_prompt`) runs glufx::prefill_attention through the same implementation: only
+  the keys its mask can attend, about half of ATen's time on a causal prompt;
 - by default the backend's `exact` mode keeps eager's float math (ATen calls for norms and
   transcendentals, deploy/inductor.py); here `exact=False` is the default and Inductor generates and
   fuses them. Bit-exactness to the traced graph buys a decode user nothing they can see: the traced
@@ -145,7 +145,7 @@ def glufx_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     (a causal mask's upper half, a sliding window's far keys) and repeats a key-value head's work for each of
     its query heads; `glufx::prefill_attention` computes only the keys a block of queries can attend, with a
     key-value head's query heads stacked in one GEMM (csrc/cpu/prefill_attention.cpp; 512 causal tokens, AMD
-    Zen 5, one thread: 10.2 -> 5.4 ms per Gemma 3 270M layer, benchmarks/bench_attention.py).
+    Zen 5, one thread: 10.3 -> 5.7 ms per Gemma 3 270M layer, benchmarks/bench_attention.py).
     Anything else (dropout, a soft cap, a position bias, attention sinks, other dtypes or devices) takes
     transformers' SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
