@@ -11,7 +11,7 @@ dispatcher work and fuses the elementwise arithmetic around glufx's ops.
 How: transformers' `generate()` already compiles its decode forward when the cache is static and the
 model's `generation_config.compile_config` says so; on CPU it must be told (`_compile_all_devices`).
 The step goes through glufx's own torch.compile backend, with Inductor's wrapper (the code calling the
-step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Four things transformers' traced step does
+step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Five things transformers' traced step does
 that cost more than the arithmetic, and what glufx does instead:
 - a full sliding window is rolled by one slot per step (two window-sized copies per layer): glufx's
   static caches keep a full window as a ring (RingSlidingWindowLayer);
@@ -29,6 +29,9 @@ that cost more than the arithmetic, and what glufx does instead:
   sums run in another order and INT8 codes can flip), and both are valid W8A8 results; docs/decode.md
   measures how far each lands from eager glufx. `exact=True` keeps each step's logits equal to the traced
   graph run without Inductor, bit for bit.
+- generate() builds each layer type's attention mask eagerly before every step, for a static cache, and
+  passes them in: glufx gives it the padding mask instead, and the compiled step builds the same masks with
+  the same functions, fused (`padding_mask_for_step`);
 - dynamo checks its guards before every step, most of them on the model's modules and tensors (1.3 ms
   of a 10 ms Gemma 3 270M step): glufx skips those and checks the same things once per generate() call
   (`_compiled_step`, `model_fingerprint`), in a step function of this model's own.
@@ -297,6 +300,20 @@ def _compiled_prompt(lm: nn.Module):
     return held[2]
 
 
+def padding_mask_for_step(*, attention_mask: Optional[torch.Tensor] = None, **_) -> Optional[torch.Tensor]:
+    """A compile_decode model's `create_masks_for_generate`: the padding mask as generate() holds it ([B, S] or
+    None), so that the model's forward builds its attention masks inside the compiled step.
+
+    Why: for a static cache generate() builds every layer type's mask before each step (transformers'
+    `create_masks_for_generate`, about thirty small ATen calls and their Python: 0.27 ms of a 10 ms Gemma 3 270M
+    step at one thread, profiled) and passes them to the compiled step as inputs. The forward builds the same
+    masks from the same functions when it gets the padding mask instead (the path every call without
+    generate() takes), and compiled, Inductor fuses them into a few kernels (tg32 1.045x, tg32@512 1.04x at one
+    thread, greedy tokens equal; docs/decode.md). Only models whose class has no mask builder of its own get
+    this one (`compile_decode`): a model that defines it may need it elsewhere (image tokens, its own forward)."""
+    return attention_mask
+
+
 def unpadded(attention_mask: Optional[torch.Tensor]) -> bool:
     """Whether a generation's padding mask is all ones. A ring holds its slots out of position order, and a
     padding mask is laid out in position order: a padded batch keeps transformers' rolled windows."""
@@ -315,7 +332,7 @@ def language_model(model: nn.Module) -> nn.Module:
 
 def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exact: bool = False,
                    backend: Optional[str] = None, skip_module_guards: bool = True,
-                   cpp_wrapper: bool = True, compile_prompt: bool = True) -> nn.Module:
+                   cpp_wrapper: bool = True, compile_prompt: bool = True, masks_in_step: bool = True) -> nn.Module:
     """Make `model.generate()` decode with a static KV cache and a compiled single-token step; returns `model`.
 
     `max_cache_len`: positions the static cache holds (prompt, QFeP prefix and new tokens). Every
@@ -334,9 +351,15 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     shapes, devices), and a model changed since its step was compiled (`.to()`, a swapped module, a reassigned
     buffer, `.train()`) compiles a new one. False keeps dynamo's guards on every step.
 
-    Besides its generation config, the model changes in two ways (module doc): an "sdpa" model's attention
+    `compile_prompt` (default True): prompts run a compiled prompt step of their own (`_prompt_or_eager_forward`).
+    `masks_in_step` (default True): the compiled steps build their attention masks from the padding mask, where
+    generate() would build them eagerly before each step (`padding_mask_for_step`); for models whose class has no
+    `create_masks_for_generate` of its own.
+
+    Besides its generation config, the model changes in three ways (module doc): an "sdpa" model's attention
     implementation becomes "glufx_sdpa" (the same arithmetic, eager or compiled, in glufx's attention kernels:
-    glufx_sdpa), and this model's static caches ring their full sliding windows.
+    glufx_sdpa), this model's static caches ring their full sliding windows, and (`masks_in_step`) it has a
+    `create_masks_for_generate` of its own.
     """
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -365,6 +388,10 @@ def compile_decode(model: nn.Module, *, max_cache_len: Optional[int] = None, exa
     lm.generation_config.cache_implementation = "static"
     lm.generation_config.compile_config = config
     lm.get_compiled_call = types.MethodType(_compiled_step, lm)  # a deepcopy rebinds it to the copy
+    if lm.__dict__.get("create_masks_for_generate") is padding_mask_for_step:
+        del lm.create_masks_for_generate
+    if masks_in_step and getattr(type(lm), "create_masks_for_generate", None) is None:
+        lm.create_masks_for_generate = padding_mask_for_step  # a plain function: generate() calls it with keywords only
     if getattr(getattr(lm.__dict__.get("forward"), "__func__", None), "_glufx_prompt_router", False):
         del lm.forward
     if compile_prompt:

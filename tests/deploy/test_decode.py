@@ -369,3 +369,40 @@ def test_compile_decode_switches_sdpa_models_only(calib_ids):
     eager = tiny_model("llama")
     eager.set_attn_implementation("eager")
     assert glufx.compile_decode(eager).config._attn_implementation == "eager"
+
+
+def test_masks_built_in_the_step_equal_generates_masks(calib_ids):
+    """generate() hands a compile_decode model the padding mask and the compiled step builds the attention masks
+    itself (`padding_mask_for_step`): the same tokens and, in the exact mode, the same logits as the step fed
+    generate()'s own masks, past a sliding window (the ring) and on a left-padded batch (rolled windows)."""
+    from glufx.deploy.decode import padding_mask_for_step
+
+    model = _quantized("gemma3", calib_ids)
+    ids = calib_ids[:2, :9].clone()
+    padded = torch.ones_like(ids)
+    padded[0, :4] = 0
+    outs = {}
+    for in_step in (True, False):
+        torch._dynamo.reset()
+        m = glufx.compile_decode(copy.deepcopy(model), exact=True, cpp_wrapper=False, masks_in_step=in_step)
+        assert (m.__dict__.get("create_masks_for_generate") is padding_mask_for_step) == in_step
+        with torch.no_grad():
+            outs[in_step] = [m.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                        output_logits=True, return_dict_in_generate=True)
+                             for x, mask in ((ids[1:], None), (ids, padded))]
+    for built, given in zip(outs[True], outs[False]):
+        assert torch.equal(built.sequences, given.sequences)
+        for a, b in zip(built.logits, given.logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    glufx.compile_decode(m, masks_in_step=False)
+    assert "create_masks_for_generate" not in m.__dict__
+
+
+def test_a_models_own_mask_builder_is_kept(calib_ids):
+    """A model class with a `create_masks_for_generate` of its own (image tokens, a forward that calls it) keeps
+    it: generate() builds its masks eagerly, as transformers does."""
+    model = tiny_model("llama")
+    own = lambda **kw: kw["attention_mask"]  # noqa: E731
+    model.__class__ = type("OwnMasks", (type(model),), {"create_masks_for_generate": staticmethod(own)})
+    glufx.compile_decode(model)
+    assert "create_masks_for_generate" not in model.__dict__
