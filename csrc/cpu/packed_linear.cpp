@@ -128,7 +128,7 @@ GLUFX_VNNI inline void store16(__m512i acc, float sx, const float* sw, const flo
 
 // One row, one block (a decode step): dot_vnni<1, 1> is a single chain of dependent vpdpbusd, one per 64 weight
 // bytes, and its latency, not memory, bounded it. Four chains along K keep the loads streaming: a Gemma 3 270M
-// lm_head at one row 1.11x, its layers' linears 1.15-1.36x, a whole decode step 1.11x at one thread (Zen 5;
+// lm_head at one row 1.11x, its layers' linears 1.14-1.36x, a whole decode step 1.11x at one thread (Zen 5;
 // two threads are memory-bound either way). A software prefetch 16 quads ahead was slower.
 __attribute__((noinline)) GLUFX_VNNI void dot_vnni_row(const uint8_t* A, const int8_t* w, int64_t kq_n, int32_t* acc) {
   __m512i c[4], s[4];

@@ -11,7 +11,7 @@ dispatcher work and fuses the elementwise arithmetic around glufx's ops.
 How: transformers' `generate()` already compiles its decode forward when the cache is static and the
 model's `generation_config.compile_config` says so; on CPU it must be told (`_compile_all_devices`).
 The step goes through glufx's own torch.compile backend, with Inductor's wrapper (the code calling the
-step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Five things transformers' traced step does
+step's few hundred kernels) compiled to C++ (`cpp_wrapper`). Five things transformers' compiled decoding does
 that cost more than the arithmetic, and what glufx does instead:
 - a full sliding window is rolled by one slot per step (two window-sized copies per layer): glufx's
   static caches keep a full window as a ring (RingSlidingWindowLayer);
