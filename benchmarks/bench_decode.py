@@ -113,8 +113,9 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def _hf_case(model, case: str):
-    """-> a callable running one round, returning the seconds the case measures."""
+def _hf_case(model, case: str, loop: str = "generate"):
+    """-> a callable running one round, returning the seconds the case measures. `loop`: "generate" (transformers'
+    generate()) or "glufx" (glufx.generate, glufx's own greedy token loop)."""
     from transformers import StoppingCriteriaList
 
     if case == "pp512":
@@ -132,6 +133,14 @@ def _hf_case(model, case: str):
         # Each case sizes the cache to its own generation, as a user passes max_cache_len (llama.cpp attends over
         # the cells in use); the warm-up round absorbs the recompilation a new cache length costs.
         glufx.compile_decode(model, max_cache_len=ids.shape[1] + NEW_TOKENS + 1)
+
+    def glufx_decode() -> float:
+        stamps: list[float] = []
+        out = glufx.generate(model, ids, NEW_TOKENS + 1, on_token=lambda tokens: stamps.append(time.perf_counter()))
+        assert out.shape[1] == ids.shape[1] + NEW_TOKENS + 1 and len(stamps) == NEW_TOKENS + 1
+        return stamps[-1] - stamps[0]
+    if loop == "glufx":
+        return glufx_decode
 
     def decode() -> float:
         clock = _StepClock()
@@ -219,7 +228,9 @@ def _llama_case(llm, case: str):
     return decode
 
 
-SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "glufx_compiled_w8fp", "llama_cpp_q8_0")
+SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "glufx_compiled_w8fp", "glufx_generate_w8fp", "llama_cpp_q8_0")
+# glufx_generate_w8fp: the compiled w8fp model decoding in glufx.generate's loop (its prefill is the same model's)
+LOOPS = {"glufx_generate_w8fp": ("glufx_compiled_w8fp", "glufx")}
 _llama: dict = {}
 
 
@@ -255,8 +266,11 @@ def test_decode_speed(benchmark, models, case, threads):
                 if _llama["llm"] is not None:
                     runs[system], weights[system] = _llama_case(_llama["llm"], case), Q8_GGUF.stat().st_size
                 continue
-            model = models[system]
-            runs[system], weights[system] = _hf_case(model, case), weight_bytes(model)
+            name, loop = LOOPS.get(system, (system, "generate"))
+            if loop == "glufx" and case == "pp512":
+                continue  # a prefill is the model's forward, measured in the model's own row
+            model = models[name]
+            runs[system], weights[system] = _hf_case(model, case, loop), weight_bytes(model)
         times = {system: [] for system in runs}
 
         def one_round():
@@ -298,11 +312,13 @@ def test_compiled_greedy_agrees(models, threads):
     text = (files("glufx") / "resources" / "wikitext2_test_excerpt.txt").read_text(encoding="utf-8")
     ids = models["tokenizer"](text, return_tensors="pt")["input_ids"][:, :16]
     eager, eager_logp = _greedy(models["glufx_eager"], ids)
-    compiled, _ = _greedy(models["glufx_compiled"], ids)
-    agree = int((eager == compiled).long().cumprod(0).sum())
-    gap = 0.0 if agree == NEW_TOKENS else float(eager_logp[agree, eager[agree]] - eager_logp[agree, compiled[agree]])
-    print(f"\n[{threads} thread(s)] compiled decode's greedy tokens equal eager glufx's for the first {agree} of "
-          f"{NEW_TOKENS}" + ("" if agree == NEW_TOKENS else f"; where they part, eager's log-probabilities of the two "
-                                                           f"tokens differ by {gap:.3f} nats"))
-    assert agree >= 4
-    assert gap <= NEAR_TIE_NATS, f"the compiled step parted from eager glufx at a {gap:.2f}-nat gap, not a near-tie"
+    decoded = {"generate()": _greedy(models["glufx_compiled"], ids)[0],
+               "glufx.generate": glufx.generate(models["glufx_compiled"], ids, NEW_TOKENS)[0, ids.shape[1]:]}
+    for loop, compiled in decoded.items():
+        agree = int((eager == compiled).long().cumprod(0).sum())
+        gap = 0.0 if agree == NEW_TOKENS else float(eager_logp[agree, eager[agree]] - eager_logp[agree, compiled[agree]])
+        print(f"\n[{threads} thread(s)] compiled decode's greedy tokens ({loop}) equal eager glufx's for the first "
+              f"{agree} of {NEW_TOKENS}" + ("" if agree == NEW_TOKENS else f"; where they part, eager's "
+                                            f"log-probabilities of the two tokens differ by {gap:.3f} nats"))
+        assert agree >= 4
+        assert gap <= NEAR_TIE_NATS, f"the compiled step ({loop}) parted from eager glufx at a {gap:.2f}-nat gap"

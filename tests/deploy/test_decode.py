@@ -406,3 +406,76 @@ def test_a_models_own_mask_builder_is_kept(calib_ids):
     model.__class__ = type("OwnMasks", (type(model),), {"create_masks_for_generate": staticmethod(own)})
     glufx.compile_decode(model)
     assert "create_masks_for_generate" not in model.__dict__
+
+
+def _hf_greedy(model, ids, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)
+
+
+def test_glufx_generate_equals_generate_past_a_window(calib_ids):
+    """glufx's own token loop gives generate()'s greedy tokens, past a sliding window of 16 (its ring fills and
+    wraps while steps run without dynamo's guards), and a second call reuses its graphs."""
+    model = glufx.compile_decode(_quantized("gemma3", calib_ids), exact=True, max_cache_len=48)
+    ids = calib_ids[:1, :7]
+    torch._dynamo.reset()
+    ref = _hf_greedy(model, ids, 30, attention_mask=torch.ones_like(ids))
+    before = glufx_backend.counters["graphs"]
+    out = glufx.generate(model, ids, 30)
+    assert glufx_backend.counters["graphs"] > before  # its step went through the backend
+    assert out.shape == (1, 7 + 30) and torch.equal(out, ref)
+    seen = []
+    again = glufx.generate(model, calib_ids[1:2, :9], 30, on_token=seen.append, skip_guards=False)
+    assert torch.equal(again, _hf_greedy(model, calib_ids[1:2, :9], 30, attention_mask=torch.ones_like(ids[:, :1]).expand(1, 9)))
+    assert len(seen) == 30 and torch.equal(torch.stack(seen, 1), again[:, 9:])
+
+
+def test_glufx_generate_padded_batch_stops_at_eos(calib_ids):
+    """A left-padded batch, rows stopping at EOS and padded after it, as generate() does."""
+    model = glufx.compile_decode(_quantized("llama", calib_ids), exact=True)
+    ids = calib_ids[:2, :9].clone()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # the first row is 5 tokens, left-padded
+    free = _hf_greedy(model, ids, 12, attention_mask=mask)
+    eos = int(free[1, 9 + 3])  # the second row's fourth new token
+    ref = _hf_greedy(model, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    out = glufx.generate(model, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref[:, :out.shape[1]]) and (ref[:, out.shape[1]:] == 0).all()
+    first = int((free[1, 9:] == eos).nonzero()[0])  # a tiny model repeats itself: its first occurrence
+    assert int(out[1, 9 + first]) == eos and (out[1, 9 + first + 1:] == 0).all()
+    assert torch.equal(glufx.generate(model, ids, 12, attention_mask=mask), free)
+
+
+def test_glufx_generate_keeps_the_qfep_prefix(calib_ids):
+    model = glufx.compile_decode(_quantized("llama", calib_ids, qfep="paper"), exact=True)
+    ids = calib_ids[:1, 1:8]
+    ref = _hf_greedy(model, ids, 6, attention_mask=torch.ones_like(ids))
+    out = glufx.generate(model, ids, 6)
+    assert out.shape == (1, 7 + 6) and torch.equal(out, ref)
+
+
+def test_glufx_generate_names_bad_input(calib_ids):
+    model = tiny_model("llama")
+    ids = calib_ids[:1, :5]
+    with pytest.raises(ValueError, match="compile_decode"):
+        glufx.generate(model, ids, 4)
+    glufx.compile_decode(model)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        glufx.generate(model, ids, 0)
+    with pytest.raises(ValueError, match="int64"):
+        glufx.generate(model, ids.float(), 4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        glufx.generate(model, ids, 4, attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_guarded_steps_surround_each_capacity():
+    from types import SimpleNamespace
+
+    from glufx.deploy.decode import GUARD_MARGIN, _guarded_steps
+
+    cache = SimpleNamespace(layers=[SimpleNamespace(max_cache_len=16), SimpleNamespace(max_cache_len=64)])
+    steps = _guarded_steps(cache, context=7, new_tokens=60)
+    # the first two steps, and every step whose cached length is within the margin of 16 or 64
+    assert steps == {0, 1} | set(range(16 - 7 - GUARD_MARGIN, 16 - 7 + GUARD_MARGIN + 1)) \
+        | set(range(64 - 7 - GUARD_MARGIN, 60))
+    assert _guarded_steps(SimpleNamespace(layers=[]), 7, 5) == set(range(5))
