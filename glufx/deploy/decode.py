@@ -1,7 +1,8 @@
 """Decoding with a compiled step: a static KV cache and one compiled graph for every position.
 
     model = glufx.compile_decode(glufx.load(dir))      # or any HF causal LM, glufx or floating point
-    out = model.generate(input_ids, max_new_tokens=64)  # prefill eager, every later step compiled
+    out = model.generate(input_ids, max_new_tokens=64)  # prompt and every later step compiled
+    out = glufx.generate(model, input_ids, max_new_tokens=64)  # the same greedy tokens, in glufx's own token loop
 
 Why: an eager decode step of a small model is hundreds of small ATen calls around a few INT8 GEMMs;
 the GEMMs stream the weights at memory speed, the calls around them cost as much again. Compiling the
@@ -452,7 +453,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
     penalties, bad words) are not applied. Rows stop at `eos_token_id` (default: the generation config's; None: never
     stop) and are padded with `pad_token_id` (default: the config's, else the first EOS), and the loop ends when
     every row has stopped. `on_token(tokens)` is called with each step's new tokens ([B]), the first after the
-    prompt, for streaming.
+    prompt, for streaming (it must not change the model). `skip_guards` (default True): dynamo's guards run only at
+    the steps where another graph may be needed (`_guarded_steps`), not before every step.
 
     Why: transformers' generate() loop costs about 0.65 ms a token around a compiled step (preparing inputs,
     logits processors, stopping criteria, growing the mask and the ids; Gemma 3 270M at one thread, a 9 ms step,
@@ -559,9 +561,10 @@ def _guarded_steps(cache, context: int, new_tokens: int) -> set[int]:
     and inputs' shapes and dtypes stay as they were (the model's, checked once per call by `model_fingerprint`), and
     the step's graph depends on the fill only through comparisons of a layer's length with its capacity (a sliding
     window starting to drop keys, a ring starting to wrap: transformers' mask sizes, RingSlidingWindowLayer). So the
-    steps that may need another graph are the first two (the first specialises the length, the second makes it
-    dynamic) and those within GUARD_MARGIN of a layer's capacity; there the guards run, and a graph compiled there
-    is one the unguarded steps after it choose by the guards that differ."""
+    steps that may need another graph are the first two (the first compiles the step, or, on a transformers whose
+    cache lengths CACHE_LENGTH_SOURCES does not name, specialises them and the second makes them dynamic) and those
+    within GUARD_MARGIN of a layer's capacity; there the guards run, and a graph compiled there is one the unguarded
+    steps after it choose by the guards that differ. `on_token` runs between steps: it must not change the model."""
     capacities = {int(layer.max_cache_len) for layer in getattr(cache, "layers", ()) if hasattr(layer, "max_cache_len")}
     if not capacities:
         return set(range(new_tokens))
