@@ -245,16 +245,21 @@ def _compiled_step(self, compile_config):
     (`model_fingerprint`). Dynamo keeps compiled graphs per code object, and transformers compiles
     `self.__call__`, one code object shared by every nn.Module: so the step here is a function with a code
     object of its own, and graphs compiled without module guards can never run another model's call."""
-    fingerprint = model_fingerprint(self)
-    held = self.__dict__.get("_glufx_step")
-    if held is None or held[0] != compile_config or held[1] != fingerprint:
-        lm = self
+    def step(*args, **kwargs):
+        return self(*args, **kwargs)
+    return _held_compiled(self, "_glufx_step", compile_config, "glufx_decode_step", step, **compile_config.to_dict())
 
-        def step(*args, **kwargs):
-            return lm(*args, **kwargs)
-        step.__code__ = step.__code__.replace(co_name=f"glufx_decode_step_{next(_step_names)}")
-        held = (compile_config, fingerprint, torch.compile(step, **compile_config.to_dict()))
-        self._glufx_step = held
+
+def _held_compiled(lm: nn.Module, slot: str, config, name: str, fn, **compile_kwargs):
+    """`torch.compile(fn, **compile_kwargs)`, held in `lm.<slot>` and made anew when `config` or the model
+    (`model_fingerprint`) changed since; the function is renamed `<name>_<n>`, a code object of its own, so that
+    dynamo keeps its graphs apart from every other model's and step's (`_compiled_step` says why)."""
+    fingerprint = model_fingerprint(lm)
+    held = lm.__dict__.get(slot)
+    if held is None or held[0] != config or held[1] != fingerprint:
+        fn.__code__ = fn.__code__.replace(co_name=f"{name}_{next(_step_names)}")
+        held = (config, fingerprint, torch.compile(fn, **compile_kwargs))
+        lm.__dict__[slot] = held
     return held[2]
 
 
@@ -284,21 +289,15 @@ def _compiled_prompt(lm: nn.Module):
     every size dynamic and Inductor's Python wrapper; compiled anew when the model or that config changed, as
     the decode step is (`_compiled_step`)."""
     config = lm.generation_config.compile_config
-    fingerprint = model_fingerprint(lm)
-    held = lm.__dict__.get("_glufx_prompt")
-    if held is None or held[0] != config or held[1] != fingerprint:
-        forward = type(lm).forward
+    forward = type(lm).forward
 
-        def prompt(*args, **kwargs):
-            return forward(lm, *args, **kwargs)
-        prompt.__code__ = prompt.__code__.replace(co_name=f"glufx_prompt_step_{next(_step_names)}")
-        options = dict(config.options or {})
-        if "cpp_wrapper" in options:
-            options["cpp_wrapper"] = False
-        held = (config, fingerprint, torch.compile(prompt, backend=config.backend, fullgraph=config.fullgraph,
-                                                   dynamic=True, options=options or None))
-        lm._glufx_prompt = held
-    return held[2]
+    def prompt(*args, **kwargs):
+        return forward(lm, *args, **kwargs)
+    options = dict(config.options or {})
+    if "cpp_wrapper" in options:
+        options["cpp_wrapper"] = False
+    return _held_compiled(lm, "_glufx_prompt", config, "glufx_prompt_step", prompt, backend=config.backend,
+                          fullgraph=config.fullgraph, dynamic=True, options=options or None)
 
 
 def padding_mask_for_step(*, attention_mask: Optional[torch.Tensor] = None, **_) -> Optional[torch.Tensor]:
@@ -419,19 +418,13 @@ def _compiled_greedy_step(lm: nn.Module):
     over its logits in one graph, with the decode step's compile config; compiled anew when the model or that
     config changed, as `_compiled_step` is. The argmax inside the graph: ATen's over Gemma 3's 262k logits took
     0.16 ms a token at one thread, as a fused reduction it is one pass over 1 MB."""
+    def greedy_step(input_ids, position_ids, attention_mask, cache):
+        # input_ids, position_ids: [B, 1]; attention_mask: [B, cache length] or None -> next tokens [B]
+        logits = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                    use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
+        return logits[:, -1].argmax(-1)
     config = lm.generation_config.compile_config
-    fingerprint = model_fingerprint(lm)
-    held = lm.__dict__.get("_glufx_greedy")
-    if held is None or held[0] != config or held[1] != fingerprint:
-        def greedy_step(input_ids, position_ids, attention_mask, cache):
-            # input_ids, position_ids: [B, 1]; attention_mask: [B, cache length] or None -> next tokens [B]
-            logits = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
-                        use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
-            return logits[:, -1].argmax(-1)
-        greedy_step.__code__ = greedy_step.__code__.replace(co_name=f"glufx_greedy_step_{next(_step_names)}")
-        held = (config, fingerprint, torch.compile(greedy_step, **config.to_dict()))
-        lm._glufx_greedy = held
-    return held[2]
+    return _held_compiled(lm, "_glufx_greedy", config, "glufx_greedy_step", greedy_step, **config.to_dict())
 
 
 _FROM_CONFIG = object()
@@ -460,9 +453,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
     logits processors, stopping criteria, growing the mask and the ids; Gemma 3 270M at one thread, a 9 ms step,
     measured) and runs ATen's argmax over the whole vocabulary; here a step is one call of a compiled function whose
     graph ends in the argmax (`_compiled_greedy_step`), and the ids are written into a preallocated tensor."""
-    if getattr(getattr(language_model(model), "generation_config", None), "compile_config", None) is None \
-            or not isinstance(getattr(language_model(model), "get_compiled_call", None), types.MethodType) \
-            or language_model(model).get_compiled_call.__func__ is not _compiled_step:
+    lm, prefixed = language_model(model), as_prefixed(model)
+    if getattr(lm.generation_config, "compile_config", None) is None \
+            or getattr(getattr(lm, "get_compiled_call", None), "__func__", None) is not _compiled_step:
         raise ValueError("glufx.generate: the model has no compiled decode step; call glufx.compile_decode(model) "
                          "first (it returns the model)")
     if input_ids.dim() != 2 or input_ids.dtype != torch.long or input_ids.shape[1] == 0:
@@ -470,7 +463,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
                          f"{tuple(input_ids.shape)} {input_ids.dtype}")
     if max_new_tokens < 1:
         raise ValueError(f"glufx.generate: max_new_tokens must be at least 1, got {max_new_tokens}")
-    lm, prefixed = language_model(model), as_prefixed(model)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"glufx.generate: attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                          f"{tuple(input_ids.shape)}")

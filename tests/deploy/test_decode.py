@@ -430,7 +430,7 @@ def test_glufx_generate_equals_generate_past_a_window(calib_ids):
     seen = []
     again = glufx.generate(model, calib_ids[1:2, :9], 30, on_token=seen.append, skip_guards=False)
     assert glufx_backend.counters["graphs"] - before == graphs  # another prompt length: the same graphs
-    assert torch.equal(again, _hf_greedy(model, calib_ids[1:2, :9], 30, attention_mask=torch.ones_like(ids[:, :1]).expand(1, 9)))
+    assert torch.equal(again, _hf_greedy(model, calib_ids[1:2, :9], 30, attention_mask=torch.ones(1, 9, dtype=torch.long)))
     assert len(seen) == 30 and torch.equal(torch.stack(seen, 1), again[:, 9:])
 
 
