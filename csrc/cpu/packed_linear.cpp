@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "quant.h"
+#include "weight_memory.h"
 
 namespace glufx {
 namespace {
@@ -50,7 +51,9 @@ at::Tensor pack_weight_cpu(const at::Tensor& w_q) {
   const int64_t N = w_q.size(0), K = w_q.size(1), Np = round_up(N, kNR), Kp = round_up(K, kKQ);
   at::Tensor padded = at::zeros({Np, Kp}, w_q.options());
   padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w_q);
-  return padded.view({Np / kNR, kNR, Kp / kKQ, kKQ}).permute({0, 2, 1, 3}).contiguous();
+  at::Tensor packed = empty_weight({Np / kNR, Kp / kKQ, kNR, kKQ}, at::kChar);
+  packed.copy_(padded.view({Np / kNR, kNR, Kp / kKQ, kKQ}).permute({0, 2, 1, 3}));
+  return packed;
 }
 
 at::Tensor unpack_weight_cpu(const at::Tensor& packed, int64_t N, int64_t K) {
@@ -561,7 +564,11 @@ bool unchanged(WeightRef& r, const at::Tensor& t) {
   return true;
 }
 
+// What a prepared form is for: forms of one weight for different ops must not be mistaken for each other.
+enum class Form { kPacked, kGluPacked, kCopy };
+
 struct PreparedEntry {
+  Form form;
   std::vector<WeightRef> refs;
   at::Tensor packed, scale;
 };
@@ -577,10 +584,14 @@ bool expired(const PreparedEntry& e) {
 
 // (packed, scale) of the prepared form; returned by value: the entry may be dropped by another thread.
 template <typename Make>
-std::pair<at::Tensor, at::Tensor> prepared(const std::vector<at::Tensor>& weights, Make make) {
+std::pair<at::Tensor, at::Tensor> prepared(Form form, const std::vector<at::Tensor>& weights, Make make) {
   std::lock_guard<std::mutex> lock(g_prepared_mutex);
   auto& bucket = g_prepared[weights[0].data_ptr()];
   for (auto it = bucket.begin(); it != bucket.end();) {
+    if (it->form != form) {
+      it = expired(*it) ? bucket.erase(it) : it + 1;
+      continue;
+    }
     bool same = it->refs.size() == weights.size();
     for (size_t i = 0; same && i < weights.size(); ++i) same = same_view(it->refs[i], weights[i]);
     bool fresh = same;
@@ -597,6 +608,7 @@ std::pair<at::Tensor, at::Tensor> prepared(const std::vector<at::Tensor>& weight
     it = b.empty() && &b != &bucket ? g_prepared.erase(it) : std::next(it);
   }
   PreparedEntry e;
+  e.form = form;
   for (const auto& w : weights) e.refs.push_back(ref_of(w));
   std::tie(e.packed, e.scale) = make();
   bucket.push_back(e);
@@ -610,6 +622,20 @@ int64_t prepared_weights() {
     for (const auto& e : kv.second) n += !expired(e);
   return n;
 }
+
+}  // namespace
+
+namespace detail {
+at::Tensor weight_copy(const at::Tensor& w) {
+  return prepared(Form::kCopy, {w}, [&] {
+           at::Tensor copy = empty_weight(w.sizes(), w.scalar_type());
+           copy.copy_(w);
+           return std::make_pair(copy, at::Tensor());
+         }).first;
+}
+}  // namespace detail
+
+namespace {
 
 void check_canonical(const at::Tensor& w_q, const at::Tensor& w_scale, int64_t K, const char* op, const char* what) {
   TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2,
@@ -630,7 +656,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   const int64_t N = w_q.size(0);
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "glufx::int8_linear: bias has ", bias->numel(),
               " elements, expected ", N);
-  const auto prep = prepared({w_q}, [&] { return std::make_pair(pack_weight_cpu(w_q.contiguous()), at::Tensor()); });
+  const auto prep = prepared(Form::kPacked, {w_q}, [&] { return std::make_pair(pack_weight_cpu(w_q.contiguous()), at::Tensor()); });
   return linear_on_packed(x, prep.first, w_scale, bias, x_scale, granularity, "int8_linear", rot_signs, rot_block);
 }
 
@@ -660,7 +686,7 @@ at::Tensor int8_glu_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at:
               w_up.size(0));
   check_activation(activation, "int8_glu");
   check_rotation(x.size(-1), rot_block, rot_signs, "int8_glu");
-  const auto prep = prepared({w_gate, s_gate, w_up, s_up}, [&] {
+  const auto prep = prepared(Form::kGluPacked, {w_gate, s_gate, w_up, s_up}, [&] {
     return pack_glu(w_gate.contiguous(), s_gate.contiguous(), w_up.contiguous(), s_up.contiguous());
   });
   return glu_on_packed(x, prep.first, prep.second, w_gate.size(0), activation, x_scale, granularity, "int8_glu",

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "quant.h"
+#include "weight_memory.h"
 
 namespace glufx {
 namespace {
@@ -138,7 +139,7 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, co
     const at::Tensor w = w_q.to(at::kFloat).mul_(ws.unsqueeze(1));
     return to_output(b32.defined() ? at::addmm(b32, x2d, w.t()) : at::mm(x2d, w.t()), x, N);
   }
-  const at::Tensor wc = w_q.contiguous();
+  const at::Tensor wc = weight_copy(w_q);  // on huge pages: the stream this loop is bound by
   at::Tensor out = at::empty({M, N}, x2d.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* xp = x2d.data_ptr<float>();

@@ -46,6 +46,7 @@ cache that already holds the prefix's floating-point keys and values (prefix.py)
 """
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import types
@@ -519,14 +520,48 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
         if i + 1 == max_new_tokens or (eos is not None and not bool(unfinished.any())):
             return out[:, :T + i + 1]
         # tokens[:, None]: a view at offset 0, the same input guards every step
+        args = (tokens[:, None], position, step_mask, cache)
         if i in guarded:
             with torch.compiler.config.patch(dynamic_sources=_dynamic_sources()):
-                tokens = step(tokens[:, None], position, step_mask, cache)
+                tokens = step(*args)
+            unguarded = _UNRESOLVED
         else:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                tokens = step(tokens[:, None], position, step_mask, cache)
+            if unguarded is _UNRESOLVED:
+                unguarded = _compiled_code_for(step, args, lm)
+            if unguarded is not None:
+                counters["direct_steps"] += 1
+                tokens = unguarded(*args)
+            else:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    tokens = step(*args)
         position = position + 1
     return out
+
+
+_UNRESOLVED = object()
+counters: collections.Counter = collections.Counter()  # "direct_steps": unguarded steps run without dynamo's lookup
+
+
+def _compiled_code_for(step, args: tuple, lm: nn.Module):
+    """The code dynamo compiled for the greedy step (`_compiled_greedy_step`) and these arguments, as a function to
+    call in place of the step between guarded steps; None where there is none to trust (the step then runs under
+    `skip_guard_eval_unsafe`).
+
+    Why: even with its guards skipped, dynamo's frame evaluation looks the step up among its compiled entries and runs
+    the guards that tell them apart, 0.16 ms of a 9.5 ms Gemma 3 270M token at one thread (torch.profiler, "TorchDynamo
+    Cache Lookup"); the entry's own code does nothing else. Dynamo keeps a code object's entries most recently used
+    first, so the entry the last guarded step ran is the first, and its guards are checked here, once, against the
+    first unguarded step's own arguments: an entry that does not match (dynamo ran the step eagerly at its recompile
+    limit, say) is never called. From there until the next guarded step only the cache's fill changes
+    (`_guarded_steps` says why no graph depends on it there)."""
+    fn = getattr(step, "_torchdynamo_orig_callable", None)
+    if fn is None or fn.__code__.co_freevars != ("lm",):
+        return None
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
+    frame_locals = dict(zip(fn.__code__.co_varnames, args), lm=lm)
+    if not entries or not entries[0].guard_manager.check(frame_locals):
+        return None
+    return types.FunctionType(entries[0].code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # A static cache layer's length as a Python int (transformers' StaticLayer / StaticSlidingWindowLayer), dynamic from

@@ -210,3 +210,7 @@ def set_cpu_kernel(name: str) -> str:
 
 def prepared_weights() -> int:
     return 0
+
+
+def set_huge_pages(enabled: bool) -> bool:
+    return False

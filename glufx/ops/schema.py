@@ -31,11 +31,13 @@ SCHEMAS = {
     "Tensor? x_scale=None, int granularity=0) -> Tensor",
 }
 
-# Kernel controls (no tensor arguments): which CPU kernel runs, and how many prepared (packed) weights
-# are cached. The reference library has one kernel and prepares nothing.
+# Kernel controls (no tensor arguments): which CPU kernel runs, how many prepared (packed) weights are
+# cached, and whether weights prepared from now on are advised for huge pages. The reference library has
+# one kernel and prepares nothing.
 CONTROL_SCHEMAS = {
     "set_cpu_kernel": "set_cpu_kernel(str name) -> str",
     "prepared_weights": "prepared_weights() -> int",
+    "set_huge_pages": "set_huge_pages(bool enabled) -> bool",
 }
 
 PACK_NR, PACK_KQ = 16, 4  # output channels per packed block, input channels per group (csrc/cpu/packed_linear.cpp)

@@ -6,6 +6,7 @@ import torch
 
 import glufx
 from glufx.deploy import backend as glufx_backend
+from glufx.deploy import decode
 
 from conftest import CFG, tiny_model
 
@@ -421,17 +422,47 @@ def test_glufx_generate_equals_generate_past_a_window(calib_ids):
     torch._dynamo.reset()
     ref = _hf_greedy(model, ids, 30, attention_mask=torch.ones_like(ids))
     before = glufx_backend.counters["graphs"]
+    direct = decode.counters["direct_steps"]
     out = glufx.generate(model, ids, 30)
+    # 29 steps; the guarded ones: the first two and those within 2 of the window's 16 and the cache's 48 positions
+    assert decode.counters["direct_steps"] - direct == 29 - len(_guarded(7, 29, (16, 48)))
     # its step went through the backend: one graph with the cache's lengths dynamic from the first step
     # (CACHE_LENGTH_SOURCES), one more once the window of 16 is full
     graphs = glufx_backend.counters["graphs"] - before
     assert 1 <= graphs <= 2
     assert out.shape == (1, 7 + 30) and torch.equal(out, ref)
     seen = []
+    direct = decode.counters["direct_steps"]
     again = glufx.generate(model, calib_ids[1:2, :9], 30, on_token=seen.append, skip_guards=False)
+    assert decode.counters["direct_steps"] == direct  # every step through dynamo's guards
     assert glufx_backend.counters["graphs"] - before == graphs  # another prompt length: the same graphs
     assert torch.equal(again, _hf_greedy(model, calib_ids[1:2, :9], 30, attention_mask=torch.ones(1, 9, dtype=torch.long)))
     assert len(seen) == 30 and torch.equal(torch.stack(seen, 1), again[:, 9:])
+
+
+def _guarded(context, steps, capacities):
+    return {i for i in range(steps) if i < 2 or any(abs(context + i - c) <= decode.GUARD_MARGIN for c in capacities)}
+
+
+def test_unguarded_steps_run_only_a_compiled_entry_whose_guards_pass(calib_ids, monkeypatch):
+    """Between guarded steps glufx.generate calls the code dynamo compiled for the step directly; the entry is checked
+    against the first unguarded step's arguments, and one whose guards fail (another dtype here) is never used."""
+    model = glufx.compile_decode(_quantized("llama", calib_ids), exact=True)
+    ids = calib_ids[:1, :6]
+    real, seen = decode._compiled_code_for, []
+
+    def spy(step, args, lm):
+        seen.append((real(step, args, lm), real(step, (args[0].int(),) + args[1:], lm)))
+        return seen[-1][0]
+    monkeypatch.setattr(decode, "_compiled_code_for", spy)
+    out = glufx.generate(model, ids, 10)
+    assert seen and all(fn is not None and wrong is None for fn, wrong in seen)
+    assert torch.equal(out, _hf_greedy(model, ids, 10, attention_mask=torch.ones_like(ids)))
+    # no entry to trust: the step runs through dynamo (skip_guard_eval_unsafe), with the same tokens
+    monkeypatch.setattr(decode, "_compiled_code_for", lambda step, args, lm: None)
+    direct = decode.counters["direct_steps"]
+    assert torch.equal(glufx.generate(model, ids, 10), out)
+    assert decode.counters["direct_steps"] == direct
 
 
 def test_glufx_generate_padded_batch_stops_at_eos(calib_ids):
