@@ -228,9 +228,29 @@ def _llama_case(llm, case: str):
     return decode
 
 
-SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "glufx_compiled_w8fp", "glufx_generate_w8fp", "llama_cpp_q8_0")
-# glufx_generate_w8fp: the compiled w8fp model decoding in glufx.generate's loop (its prefill is the same model's)
-LOOPS = {"glufx_generate_w8fp": ("glufx_compiled_w8fp", "glufx")}
+SYSTEMS = ("fp32", "glufx_eager", "glufx_compiled", "glufx_compiled_w8fp", "glufx_w8fp_medium", "glufx_generate_w8fp",
+           "llama_cpp_q8_0")
+# Systems that run another system's model another way: (model, token loop, float32 matmul precision, cases).
+# glufx_generate_w8fp: the compiled w8fp model decoding in glufx.generate's loop (its prefill is the same model's).
+# glufx_w8fp_medium: its prefill under torch.set_float32_matmul_precision("medium"), PyTorch's switch that lets
+# oneDNN run float32 GEMMs with bfloat16 arithmetic (ATen's mm, which glufx's weight-only linears and prompt
+# attention call at many rows; a decode step's kernels are glufx's own and do not change).
+VARIANTS = {"glufx_generate_w8fp": ("glufx_compiled_w8fp", "glufx", "highest", ("tg32", "tg32@512")),
+            "glufx_w8fp_medium": ("glufx_compiled_w8fp", "generate", "medium", ("pp512",))}
+
+
+def _at_precision(run, precision: str):
+    if precision == torch.get_float32_matmul_precision():
+        return run
+
+    def timed() -> float:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            return run()
+        finally:
+            torch.set_float32_matmul_precision(old)
+    return timed
 _llama: dict = {}
 
 
@@ -266,11 +286,12 @@ def test_decode_speed(benchmark, models, case, threads):
                 if _llama["llm"] is not None:
                     runs[system], weights[system] = _llama_case(_llama["llm"], case), Q8_GGUF.stat().st_size
                 continue
-            name, loop = LOOPS.get(system, (system, "generate"))
-            if loop == "glufx" and case == "pp512":
-                continue  # a prefill is the model's forward, measured in the model's own row
+            name, loop, precision, cases = VARIANTS.get(system, (system, "generate", "highest", CASES))
+            if case not in cases:
+                continue
             model = models[name]
-            runs[system], weights[system] = _hf_case(model, case, loop), weight_bytes(model)
+            runs[system] = _at_precision(_hf_case(model, case, loop), precision)
+            weights[system] = weight_bytes(model)
         times = {system: [] for system in runs}
 
         def one_round():

@@ -126,17 +126,19 @@ def _speed_table(tr, speed, byte_counts, stream) -> None:
                            else "-")
     tr.write_line(f"{'case':>9} {'thr':>3} " + "".join(f"{s:>{width[s]}}" for s in systems)
                   + f"{'vs eager':>10}{'vs FP32':>9}{'vs llama.cpp':>14}{'w8fp vs llama.cpp':>19}"
-                  + f"{'glufx.generate w8fp vs llama.cpp':>34}")
+                  + f"{'w8fp medium vs llama.cpp':>26}{'glufx.generate w8fp vs llama.cpp':>34}")
     for (case, th), d in sorted(speed.items(), key=lambda kv: (["pp512", "tg32", "tg32@512"].index(kv[0][0]), kv[0][1])):
         g = d.get("glufx_compiled")
         ratio = lambda b: f"{g / d[b]:.2f}x" if g and d.get(b) else "-"  # noqa: E731
         tr.write_line(f"{case:>9} {th:>3} " + "".join(f"{d[s]:{width[s]}.1f}" if s in d else f"{'-':>{width[s]}}"
                                                        for s in systems)
                       + f"{ratio('glufx_eager'):>10}{ratio('fp32'):>9}{ratio('llama_cpp_q8_0'):>14}"
-                      + versus(d, "glufx_compiled_w8fp").rjust(19) + versus(d, "glufx_generate_w8fp").rjust(34))
+                      + versus(d, "glufx_compiled_w8fp").rjust(19) + versus(d, "glufx_w8fp_medium").rjust(26)
+                      + versus(d, "glufx_generate_w8fp").rjust(34))
     tr.write_line("(pp512 of a compiled system: the prompt step generate() runs on a compile_decode model, its own "
                   "compiled graph with glufx's attention kernels; glufx eager: glufx.compile's model, transformers' SDPA;"
-                  " glufx_generate_w8fp: the w8fp model decoding in glufx.generate's greedy loop, not generate()'s)")
+                  " glufx_generate_w8fp: the w8fp model decoding in glufx.generate's greedy loop, not generate()'s;"
+                  " glufx_w8fp_medium: the w8fp model's prefill under torch.set_float32_matmul_precision('medium'))")
     if byte_counts:
         tr.write_line("decode as effective bandwidth: weight bytes per token x tokens/s (tg32), GB/s; "
                       + ", ".join(f"streaming read {th} thread(s) {gbs:.1f}" for th, gbs in sorted(stream.items())))

@@ -206,12 +206,14 @@ def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[di
     float math, so the logits equal `glufx.compile`'s bit for bit; False lets it generate every float op,
     see deploy/inductor.py); `cpp_wrapper` (default False: Inductor's wrapper, the code that calls the
     kernels, is Python; True compiles it to C++, which costs a longer compile and saves the Python work per
-    call, what a single-token decode step of a small model is mostly made of)."""
+    call, what a single-token decode step of a small model is mostly made of); `inductor_configs` (a dict of
+    further `torch._inductor.config` settings for this compilation, as `torch._inductor.aoti_compile_and_package`
+    takes them)."""
     options = dict(options or {})
-    unknown = set(options) - {"plan", "inductor", "exact", "cpp_wrapper"}
+    unknown = set(options) - {"plan", "inductor", "exact", "cpp_wrapper", "inductor_configs"}
     if unknown:
         raise ValueError(f"glufx backend: unknown option(s) {sorted(unknown)}; known: plan, inductor, exact, "
-                         "cpp_wrapper")
+                         "cpp_wrapper, inductor_configs")
     plan = _resolve_plan(options)
     if plan is None:
         if not _holds_glufx_ops(gm):
@@ -231,4 +233,5 @@ def glufx_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[di
     # A fresh GraphModule: Inductor looks new get_attr constants up by their source otherwise
     # (docs/design.md, "The torch.compile backend").
     return compile_graph(fx.GraphModule(gm, gm.graph), example_inputs, exact=options.get("exact", True),
-                         cpp_wrapper=bool(options.get("cpp_wrapper", False)))
+                         cpp_wrapper=bool(options.get("cpp_wrapper", False)),
+                         inductor_configs=options.get("inductor_configs"))

@@ -92,12 +92,12 @@ def inductor_options(exact: bool) -> dict[str, Any]:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], exact: bool = True,
-                  cpp_wrapper: bool = False) -> Any:
+                  cpp_wrapper: bool = False, inductor_configs: Optional[dict[str, Any]] = None) -> Any:
     """`compile_fx` of a rewritten dynamo graph; `exact` keeps eager's float math (module doc); `cpp_wrapper`
-    makes Inductor's wrapper C++ (deploy/decode.py)."""
+    makes Inductor's wrapper C++ (deploy/decode.py); `inductor_configs`: further Inductor settings."""
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {**inductor_options(exact), **({"cpp_wrapper": True} if cpp_wrapper else {})}
+    patches = {**inductor_options(exact), **({"cpp_wrapper": True} if cpp_wrapper else {}), **(inductor_configs or {})}
     with eager_float_ops() if exact else contextlib.nullcontext():
         return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -97,6 +97,23 @@ def test_backend_rejects_unknown_options():
         m(torch.randn(2, 4))
 
 
+def test_backend_passes_inductor_configs_to_inductor(calib_ids):
+    """options["inductor_configs"] reach Inductor's config for this compilation only: a setting Inductor does not
+    have is its error, and a real one changes no output in exact mode."""
+    model = glufx.compile(tiny_model("llama"), plan=glufx.calibrate(tiny_model("llama"), calib_ids, glufx.GlufxConfig(**CFG)))
+    ids = calib_ids[:1, :9]
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        torch._dynamo.reset()
+        bad = torch.compile(model, backend="glufx", options={"inductor_configs": {"no_such_setting": 1}})
+        with pytest.raises(Exception, match="no_such_setting"):
+            bad(input_ids=ids, use_cache=False)
+        torch._dynamo.reset()
+        ok = torch.compile(model, backend="glufx", options={"inductor_configs": {"realize_reads_threshold": 1}})
+        assert torch.equal(ok(input_ids=ids, use_cache=False).logits, ref)
+    torch._dynamo.reset()
+
+
 def test_quantized_weights_cached_across_recompiles(calib_ids):
     model = tiny_model("llama")
     plan = glufx.calibrate(model, calib_ids, glufx.GlufxConfig(**CFG))
