@@ -460,7 +460,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
     stop) and are padded with `pad_token_id` (default: the config's, else the first EOS), and the loop ends when
     every row has stopped. `on_token(tokens)` is called with each step's new tokens ([B]), the first after the
     prompt, for streaming (it must not change the model). `skip_guards` (default True): dynamo's guards run only at
-    the steps where another graph may be needed (`_guarded_steps`), not before every step.
+    the steps where another graph may be needed (`_guarded_steps`), not before every step; between them the code
+    dynamo compiled for the step is called directly, once its guards passed (`_compiled_code_for`).
 
     Why: transformers' generate() loop costs about 0.65 ms a token around a compiled step (preparing inputs,
     logits processors, stopping criteria, growing the mask and the ids; Gemma 3 270M at one thread, a 9 ms step,
@@ -593,7 +594,8 @@ GUARD_MARGIN = 2  # steps either side of a cache layer's capacity that run dynam
 
 def _guarded_steps(cache, context: int, new_tokens: int) -> set[int]:
     """The decode steps of one generation (step i feeds the i-th new token, with `context + i` positions cached)
-    that run dynamo's guards; the others run only the guards that tell its compiled graphs apart
+    that run dynamo's guards; the others call the compiled entry the last guarded step chose (`_compiled_code_for`),
+    or, where there is none to trust, run only the guards that tell its compiled graphs apart
     (`skip_guard_eval_unsafe`).
 
     Why this is safe: within one generation nothing a guard checks changes but the cache's fill. Its modules, config
